@@ -1,0 +1,101 @@
+import torch
+from einops import rearrange, repeat
+
+from ..._checks import check_bucket_multiple, require
+from ..backends import resolve_backend
+from . import reference
+
+
+def _head_mask(mask, B, H, T, name):
+    """bool [B, T] or [B, H, T] -> [B*H, T] (None stays None)."""
+    if mask is None:
+        return None
+    require(mask.dtype == torch.bool, f'{name} must have dtype torch.bool (True = real token), got {mask.dtype}')
+    if mask.dim() == 2:
+        mask = mask[:, None].expand(-1, H, -1)
+    require(tuple(mask.shape) == (B, H, T), f'{name} must have shape {(B, T)} or {(B, H, T)}, got {tuple(mask.shape)}')
+    return mask.reshape(B * H, T)
+
+
+def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bucket_size=None, own_bucket=True,
+                    causal=False, n_rotated_heads=0, null_kv=None, q_mask=None, kv_mask=None, scale=None,
+                    dropout_p=0.0, backend=None):
+    """Each query bucket attends, in one softmax, to its routed key buckets and (with `own_bucket`) its own.
+
+    q: [B, H, Tq, D]; k, v: [B, H, Tk, D]. route_indices / route_weights: [B, H, Nq or 1, K] (1 = the same
+    routes for every query bucket, as SortCut), indices into the Nk = Tk / kv_bucket_size key buckets (the own bucket of query bucket u is key bucket u); Nk names
+    the learned null bucket of `null_kv = (null_k, null_v)`, each [H, D]; -1 names no block. Routed keys and
+    values are multiplied by their weight. `causal` masks keys after the query inside its own bucket;
+    `n_rotated_heads` trailing heads are in the causal half-head rotated frame (their last bucket holds the
+    wrapped-around first tokens, which see only their own earlier tokens). Masks are bool [B, T] or [B, H, T];
+    a query with no visible key outputs zeros.
+    """
+    require(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+            f'q, k, v must be [batch, heads, seq, dim_head], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    require(k.shape == v.shape and k.shape[:2] == (B, H) and k.shape[3] == D,
+            f'k and v must be [{B}, {H}, seq_kv, {D}] like q, got {tuple(k.shape)} and {tuple(v.shape)}')
+    kv_bucket_size = kv_bucket_size or bucket_size
+    check_bucket_multiple(Tq, bucket_size, 'query sequence')
+    check_bucket_multiple(Tk, kv_bucket_size, 'key/value sequence')
+    Nq, Nk = Tq // bucket_size, Tk // kv_bucket_size
+    require(route_indices.shape == route_weights.shape and route_indices.dim() == 4
+            and route_indices.shape[:2] == (B, H) and route_indices.shape[2] in (1, Nq),
+            f'route_indices and route_weights must both be [{B}, {H}, {Nq} or 1, K], '
+            f'got {tuple(route_indices.shape)} and {tuple(route_weights.shape)}')
+    require(not own_bucket or Nq <= Nk,
+            f'own_bucket needs a key bucket for every query bucket ({Nk} < {Nq}); pass own_bucket=False')
+    require(not causal or (bucket_size == kv_bucket_size and Tq == Tk),
+            'causal block attention needs equal query and key lengths and bucket sizes')
+    require(0 <= n_rotated_heads <= H, f'n_rotated_heads must be in [0, {H}], got {n_rotated_heads}')
+    require(0 <= dropout_p < 1, f'dropout_p must be in [0, 1), got {dropout_p}')
+    resolve_backend(backend, q.device)
+
+    # the reference computes half precision in fp32: it is the ground truth the kernels are held to
+    dtype = q.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    K = route_indices.shape[-1]
+    null_k = null_v = None
+    if null_kv is not None:
+        null_k, null_v = (repeat(t.reshape(H, D), 'h d -> (b h) d', b=B).to(compute) for t in null_kv)
+    rotated = None
+    if causal and n_rotated_heads:
+        rotated = (torch.arange(H, device=q.device) >= H - n_rotated_heads).repeat(B)
+    lay = reference.Layout(Nq, bucket_size, Nk, kv_bucket_size, K, own_bucket, causal, rotated,
+                           scale if scale is not None else D ** -0.5, dropout_p,
+                           int(torch.randint(0, 2 ** 62, ())) if dropout_p > 0 else 0)
+
+    to_blocks = lambda t, n: rearrange(t.to(compute), 'b h (n s) d -> (b h) n s d', n=n).contiguous()
+    qm = _head_mask(q_mask, B, H, Tq, 'q_mask')
+    km = _head_mask(kv_mask, B, H, Tk, 'kv_mask')
+    out = reference.block_attention(
+        to_blocks(q, Nq), to_blocks(k, Nk), to_blocks(v, Nk),
+        route_indices.reshape(B * H, -1, K).expand(-1, Nq, -1).contiguous(),
+        route_weights.to(compute).reshape(B * H, -1, K).expand(-1, Nq, -1),
+        null_k, null_v,
+        qm.reshape(B * H, Nq, bucket_size) if qm is not None else None,
+        km.reshape(B * H, Nk, kv_bucket_size) if km is not None else None,
+        lay)
+    return rearrange(out, '(b h) n s d -> b h (n s) d', b=B).to(dtype)
+
+
+def local_attention(q, k, v, *, window_size, causal=False, look_backward=1, look_forward=None, q_mask=None,
+                    kv_mask=None, dropout_p=0.0, backend=None):
+    """Sliding-window attention by buckets: each window attends to itself, `look_backward` windows back and
+    (non-causal) `look_forward` windows ahead. It is block attention with fixed routes of weight 1."""
+    look_forward = (0 if causal else 1) if look_forward is None else look_forward
+    require(not (causal and look_forward), 'causal local attention cannot look forward; pass look_forward=0')
+    B, H, T, _ = q.shape
+    check_bucket_multiple(T, window_size, 'sequence')
+    n = T // window_size
+    offsets = [o for o in range(-look_backward, look_forward + 1) if o != 0]
+    if not offsets:
+        offsets = [0]  # no neighbours: a single route to nothing keeps the layout uniform
+    u = torch.arange(n, device=q.device)[:, None]
+    idx = u + torch.tensor(offsets, device=q.device)
+    idx = torch.where((idx < 0) | (idx >= n) | (idx == u), -1, idx)
+    idx = idx.expand(B, H, n, len(offsets))
+    w = torch.ones(idx.shape, dtype=q.dtype, device=q.device)
+    return block_attention(q, k, v, idx, w, bucket_size=window_size, causal=causal, q_mask=q_mask, kv_mask=kv_mask,
+                           dropout_p=dropout_p, backend=backend)

@@ -1,0 +1,157 @@
+"""Sparse Sinkhorn attention as one functional op on [batch, heads, seq, dim_head] tensors.
+
+Steps: a sort net scores (query bucket, key bucket) pairs; routing turns the scores into sparse top-k routes
+(or, in Gumbel-Sinkhorn mode, a soft permutation that mixes the key buckets); block attention lets every
+query bucket attend to its routes and its own bucket in one softmax.
+"""
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .._checks import check_bucket_multiple, require
+from .block_attention import block_attention
+from .routing import topk_routing
+from .sinkhorn import gumbel_sinkhorn
+
+
+def _per_head(mask, H):
+    return None if mask is None or mask.dim() == 3 else mask[:, None].expand(-1, H, -1)
+
+
+def rotate_heads(t, first_head, shift):
+    """Rolls the sequence axis (2) of heads first_head.. left by `shift` (negative: right)."""
+    if t is None or shift == 0 or first_head >= t.shape[1]:
+        return t
+    return torch.cat((t[:, :first_head], t[:, first_head:].roll(-shift, dims=2)), dim=1)
+
+
+def zero_masked(t, mask):
+    return t if mask is None else t.masked_fill(~mask[..., None], 0)
+
+
+def masked_bucket_mean(x, mask, n_buckets):
+    """Mean over each bucket's real tokens; padding never shifts the routing of real tokens."""
+    xb = rearrange(x, 'b h (n s) d -> b h n s d', n=n_buckets)
+    if mask is None:
+        return xb.mean(dim=3)
+    m = rearrange(mask, 'b h (n s) -> b h n s 1', n=n_buckets).to(x.dtype)
+    return (xb * m).sum(dim=3) / m.sum(dim=3).clamp(min=1)
+
+
+def masked_cumavg(x, mask):
+    """Running mean over the real tokens up to each position (the causal sort nets' summary)."""
+    m = torch.ones_like(x[..., :1]) if mask is None else mask[..., None].to(x.dtype)
+    return (x * m).cumsum(dim=2) / m.cumsum(dim=2).clamp(min=1)
+
+
+def attention_sort_scores(q, k, *, bucket_size, kv_bucket_size, causal, n_sortcut=0, n_null=0, q_mask=None,
+                          kv_mask=None):
+    """The parameter-free attention sort net: scaled dot products of bucket summaries.
+
+    Non-causal: bucket means of q (one mean of the whole query with SortCut) against bucket means of k,
+    [B, H, Nq or 1, Nk]. Causal: the running mean of q at each bucket's first token against the summed running
+    means of k over each bucket, with `n_null` leading zero-score columns for the null buckets,
+    [B, H, Nq, n_null + Nk]."""
+    scale = q.shape[-1] ** -0.5
+    if causal:
+        sq = masked_cumavg(q, q_mask)[:, :, ::bucket_size]
+        sk = rearrange(masked_cumavg(k, kv_mask), 'b h (n s) d -> b h n s d', s=kv_bucket_size).sum(dim=3)
+        return F.pad(torch.einsum('bhid,bhjd->bhij', sq, sk) * scale, (n_null, 0))
+    n_query = 1 if n_sortcut else q.shape[2] // bucket_size
+    sq = masked_bucket_mean(q, q_mask, n_query)
+    sk = masked_bucket_mean(k, kv_mask, k.shape[2] // kv_bucket_size)
+    return torch.einsum('bhid,bhjd->bhij', sq, sk) * scale
+
+
+def causal_routes(scores, n_top, n_null, temperature):
+    """Top-k over the null buckets and the strictly earlier key buckets; null routes become index Nk."""
+    n_buckets = scores.shape[-2]
+    i = torch.arange(n_buckets, device=scores.device)
+    future = i[None, :] >= i[:, None]  # key bucket j is not strictly before query bucket i
+    scores = scores.masked_fill(F.pad(future, (n_null, 0)), float('-inf'))
+    idx, w = topk_routing(scores, n_top, temperature)
+    return torch.where(idx < n_null, scores.shape[-1] - n_null, idx - n_null), w
+
+
+def sinkhorn_attention(q, k, v, *, bucket_size, n_top_buckets=1, causal=False, n_sortcut=0, kv_bucket_size=None,
+                       non_permutative=True, sinkhorn_iter=5, temperature=0.75, gumbel_noise=False, q_mask=None,
+                       kv_mask=None, null_kv=None, dropout_p=0.0, backend=None, sort_net=None):
+    """Sparse Sinkhorn attention (Tay et al. 2020), the drop-in for `F.scaled_dot_product_attention`.
+
+    q: [B, H, Tq, D]; k, v: [B, H, Tk, D]; returns [B, H, Tq, D]. Each query bucket attends to its own bucket
+    and to `n_top_buckets` key buckets chosen by the parameter-free attention sort net (differentiable top-k,
+    `non_permutative=True`), or to a Gumbel-Sinkhorn soft permutation of the key buckets
+    (`non_permutative=False`, `sinkhorn_iter` iterations at `temperature`, Gumbel noise when `gumbel_noise`).
+    `n_sortcut` > 0: every query bucket attends to the same top `n_sortcut` buckets (no own bucket unless the
+    bucket counts match). `causal`: routes only to earlier buckets or to the learned null bucket
+    (`null_kv = (null_k, null_v)`, each [H, D], required), causal mask inside the own bucket, and the second
+    half of the heads works on the sequence rotated by bucket_size - 1. Masks: bool [B, T] or [B, H, T]
+    (True = real token); the key mask defaults to all-real, never to the query mask. `sort_net(q, k, q_mask,
+    kv_mask)` replaces the attention sort net (its scores then go through top-k at `temperature`).
+    """
+    require(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+            f'q, k, v must be [batch, heads, seq, dim_head], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    kv_bucket_size = kv_bucket_size or bucket_size
+    check_bucket_multiple(Tq, bucket_size, 'query sequence')
+    check_bucket_multiple(Tk, kv_bucket_size, 'key/value sequence')
+    require(n_top_buckets >= 1, f'n_top_buckets must be >= 1, got {n_top_buckets}')
+    require(n_sortcut >= 0, f'n_sortcut must be >= 0, got {n_sortcut}')
+    nq, nk = Tq // bucket_size, Tk // kv_bucket_size
+    q_mask, kv_mask = _per_head(q_mask, H), _per_head(kv_mask, H)
+    common = dict(bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, dropout_p=dropout_p, backend=backend)
+
+    if causal:
+        require(n_sortcut == 0, 'SortCut (n_sortcut > 0) only works without causal; set n_sortcut=0 or causal=False')
+        require(non_permutative, 'causal attention routes by differentiable top-k only; pass non_permutative=True')
+        require(null_kv is not None, 'causal sinkhorn attention needs null_kv=(null_k, null_v), each [heads, dim_head]')
+        require(kv_bucket_size == bucket_size and Tk == Tq,
+                'causal attention needs keys as long as the queries and kv_bucket_size == bucket_size')
+        n_top = min(n_top_buckets, nq)
+        first, shift = H // 2, bucket_size - 1
+        q, k, v, q_mask, kv_mask = (rotate_heads(t, first, shift) for t in (q, k, v, q_mask, kv_mask))
+        sq, sk = zero_masked(q, q_mask), zero_masked(k, kv_mask)
+        scores = (sort_net(sq, sk, q_mask, kv_mask) if sort_net is not None else
+                  attention_sort_scores(sq, sk, causal=True, n_null=n_top, q_mask=q_mask, kv_mask=kv_mask,
+                                        bucket_size=bucket_size, kv_bucket_size=kv_bucket_size))
+        idx, w = causal_routes(scores, n_top, scores.shape[-1] - nq, temperature)
+        out = block_attention(q, k, v, idx, w.to(q.dtype), causal=True, n_rotated_heads=H - first, null_kv=null_kv,
+                              q_mask=q_mask, kv_mask=kv_mask, **common)
+        return rotate_heads(out, first, -shift)
+
+    sq, sk = zero_masked(q, q_mask), zero_masked(k, kv_mask)
+    if sort_net is not None:
+        scores, topk_temperature = sort_net(sq, sk, q_mask, kv_mask), temperature
+    else:
+        # the reference's non-causal attention sort net routes at temperature 1 (kept for checkpoint parity)
+        scores, topk_temperature = attention_sort_scores(sq, sk, n_sortcut=n_sortcut, q_mask=q_mask,
+                                                         kv_mask=kv_mask, bucket_size=bucket_size,
+                                                         kv_bucket_size=kv_bucket_size, causal=False), 1.0
+    own_bucket = nq == nk
+    if non_permutative:
+        idx, w = topk_routing(scores, min(n_sortcut or n_top_buckets, nk), topk_temperature)
+        if n_sortcut:
+            idx, w = (t.flatten(2)[..., None, :n_sortcut] for t in (idx, w))
+        return block_attention(q, k, v, idx, w.to(q.dtype), own_bucket=own_bucket, q_mask=q_mask, kv_mask=kv_mask,
+                               **common)
+
+    # Gumbel-Sinkhorn: a soft permutation mixes whole key buckets; padded keys are zeroed so they mix in nothing
+    perm = gumbel_sinkhorn(F.relu(scores), sinkhorn_iter, temperature, noise=gumbel_noise, backend=backend).to(q.dtype)
+    n_mixed = perm.shape[-2]
+    require(n_sortcut or n_mixed == nq,
+            f'the sort net gave {n_mixed} rows of routing scores for {nq} query buckets; they must match')
+    mix = lambda t: rearrange(torch.einsum('bhuv,bhvsd->bhusd', perm,
+                                           rearrange(t, 'b h (n s) d -> b h n s d', n=nk)), 'b h u s d -> b h (u s) d')
+    k_all = torch.cat((k, mix(sk)), dim=2)
+    v_all = torch.cat((v, mix(zero_masked(v, kv_mask))), dim=2)
+    if kv_mask is not None:
+        # a mixed bucket takes the key mask of the bucket with the largest weight in its row (as the reference)
+        blocks = rearrange(kv_mask, 'b h (n s) -> b h n s', n=nk)
+        chosen = perm.argmax(dim=-1)[..., None].expand(-1, -1, -1, kv_bucket_size)
+        kv_mask = torch.cat((kv_mask, torch.gather(blocks, 2, chosen).flatten(2)), dim=2)
+    rows = torch.arange(min(n_sortcut, n_mixed) if n_sortcut else nq, device=q.device)
+    idx = (nk + rows).view(1, 1, -1, 1) if not n_sortcut else (nk + rows).view(1, 1, 1, -1)
+    idx = idx.expand(B, H, -1, -1)
+    w = torch.ones(idx.shape, dtype=q.dtype, device=q.device)
+    return block_attention(q, k_all, v_all, idx, w, own_bucket=own_bucket, q_mask=q_mask, kv_mask=kv_mask, **common)

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+import sinkhorn_kernels as sk
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def reference_pair(cls_name, *args, tie_values_to_keys=True, **kwargs):
+    """The reference model and ours with the same weights. With `tie_values_to_keys`, every value projection
+    equals its key projection, so the reference's routed-values bug (it routes keys as values) cannot show and
+    the two must agree exactly."""
+    import sinkhorn_transformer as st
+    ref = getattr(st, cls_name)(*args, **kwargs)
+    ours = getattr(sk, cls_name)(*args, **kwargs)
+    state = ref.state_dict()
+    if tie_values_to_keys:
+        for name, weight in state.items():
+            if name.endswith('to_kv.weight'):
+                half = weight.shape[0] // 2
+                weight[half:] = weight[:half]
+        ref.load_state_dict(state)
+    sk.load_reference_weights(ours, state)
+    return ref, ours
