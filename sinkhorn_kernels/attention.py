@@ -6,7 +6,7 @@ from torch import nn
 
 from . import ops
 from ._checks import check_bucket_multiple, check_mask, require
-from .ops.sinkhorn_attention import masked_cumavg
+from .ops.sinkhorn_attention import causal_bucket_summaries
 
 
 class SimpleSortNet(nn.Module):
@@ -34,7 +34,8 @@ class CausalSimpleSortNet(nn.Module):
 
     def forward(self, q, k, q_mask, kv_mask):
         n = k.shape[2] // self.bucket_size
-        first = torch.cat((masked_cumavg(k, kv_mask), k), dim=-1)[:, :, ::self.bucket_size]
+        running_mean, _ = causal_bucket_summaries(k, kv_mask, self.bucket_size)
+        first = torch.cat((running_mean, k[:, :, ::self.bucket_size]), dim=-1)
         return F.leaky_relu(first @ self.weight[0])[..., :n + self.n_null]
 
 
@@ -95,7 +96,8 @@ class SinkhornSelfAttention(nn.Module):
 
         split = lambda t_: rearrange(t_, 'b n (h d) -> b h n d', h=self.heads)
         q = split(self.to_q(x))
-        k, v = map(split, self.to_kv(kv_input).chunk(2, dim=-1))
+        # two products instead of one and a chunk: backward then needs no concatenated copy of dk and dv
+        k, v = (split(F.linear(kv_input, w)) for w in self.to_kv.weight.chunk(2))
         dropout_p = self.attn_dropout if self.training else 0.
         l = self.n_local
         outs = []
@@ -112,5 +114,5 @@ class SinkhornSelfAttention(nn.Module):
                 non_permutative=self.non_permutative or self.causal, sinkhorn_iter=self.sinkhorn_iter,
                 temperature=self.temperature, gumbel_noise=self.training, q_mask=input_mask, kv_mask=kv_mask,
                 null_kv=null_kv, dropout_p=dropout_p, sort_net=self.sort_net))
-        out = rearrange(torch.cat(outs, dim=1), 'b h n d -> b n (h d)')
+        out = rearrange(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), 'b h n d -> b n (h d)')
         return self.dropout(self.to_out(out))

@@ -38,10 +38,24 @@ def masked_bucket_mean(x, mask, n_buckets):
     return (xb * m).sum(dim=3) / m.sum(dim=3).clamp(min=1)
 
 
-def masked_cumavg(x, mask):
-    """Running mean over the real tokens up to each position (the causal sort nets' summary)."""
-    m = torch.ones_like(x[..., :1]) if mask is None else mask[..., None].to(x.dtype)
-    return (x * m).cumsum(dim=2) / m.cumsum(dim=2).clamp(min=1)
+def causal_bucket_summaries(x, mask, bucket_size):
+    """Of the running mean over real tokens, cumavg[t] = sum_{s<=t} x_s / count_t: its value at each bucket's
+    first token and its sum over each bucket, [B, H, N, D] each. Computed from bucket sums and suffix weights
+    (sum_t cumavg[t] = prefix * sum_t 1/count_t + sum_s x_s * sum_{t>=s} 1/count_t) with no pass along the
+    sequence, so its cost is that of two bucket reductions."""
+    T = x.shape[2]
+    if mask is None:
+        count = torch.arange(1, T + 1, device=x.device, dtype=x.dtype).view(1, 1, T)
+    else:
+        count = mask.to(x.dtype).cumsum(dim=-1).clamp(min=1)
+    inv = rearrange(1 / count, '... (n s) -> ... n s', s=bucket_size)  # [B, 1 or H, N, bs]
+    xb = rearrange(x, 'b h (n s) d -> b h n s d', s=bucket_size)
+    totals = xb.sum(dim=3)
+    before = totals.cumsum(dim=2) - totals  # sum of all earlier buckets
+    first = (before + xb[:, :, :, 0]) * inv[..., 0, None]
+    suffix = inv.flip(-1).cumsum(dim=-1).flip(-1)
+    summed = before * inv.sum(dim=-1, keepdim=True) + torch.einsum('bhnsd,bhns->bhnd', xb, suffix.expand(*xb.shape[:4]))
+    return first, summed
 
 
 def attention_sort_scores(q, k, *, bucket_size, kv_bucket_size, causal, n_sortcut=0, n_null=0, q_mask=None,
@@ -54,8 +68,8 @@ def attention_sort_scores(q, k, *, bucket_size, kv_bucket_size, causal, n_sortcu
     [B, H, Nq, n_null + Nk]."""
     scale = q.shape[-1] ** -0.5
     if causal:
-        sq = masked_cumavg(q, q_mask)[:, :, ::bucket_size]
-        sk = rearrange(masked_cumavg(k, kv_mask), 'b h (n s) d -> b h n s d', s=kv_bucket_size).sum(dim=3)
+        sq, _ = causal_bucket_summaries(q, q_mask, bucket_size)
+        _, sk = causal_bucket_summaries(k, kv_mask, kv_bucket_size)
         return F.pad(torch.einsum('bhid,bhjd->bhij', sq, sk) * scale, (n_null, 0))
     n_query = 1 if n_sortcut else q.shape[2] // bucket_size
     sq = masked_bucket_mean(q, q_mask, n_query)

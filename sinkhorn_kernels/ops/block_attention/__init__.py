@@ -1,5 +1,4 @@
 import torch
-from einops import rearrange, repeat
 
 from ..._checks import check_bucket_multiple, require
 from ..backends import resolve_backend
@@ -7,14 +6,13 @@ from . import reference
 
 
 def _head_mask(mask, B, H, T, name):
-    """bool [B, T] or [B, H, T] -> [B*H, T] (None stays None)."""
+    """bool [B, T] or [B, H, T] -> [B, 1 or H, T] (None stays None)."""
     if mask is None:
         return None
     require(mask.dtype == torch.bool, f'{name} must have dtype torch.bool (True = real token), got {mask.dtype}')
-    if mask.dim() == 2:
-        mask = mask[:, None].expand(-1, H, -1)
-    require(tuple(mask.shape) == (B, H, T), f'{name} must have shape {(B, T)} or {(B, H, T)}, got {tuple(mask.shape)}')
-    return mask.reshape(B * H, T)
+    require(tuple(mask.shape) in ((B, T), (B, H, T)),
+            f'{name} must have shape {(B, T)} or {(B, H, T)}, got {tuple(mask.shape)}')
+    return mask[:, None] if mask.dim() == 2 else mask
 
 
 def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bucket_size=None, own_bucket=True,
@@ -23,8 +21,8 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
     """Each query bucket attends, in one softmax, to its routed key buckets and (with `own_bucket`) its own.
 
     q: [B, H, Tq, D]; k, v: [B, H, Tk, D]. route_indices / route_weights: [B, H, Nq or 1, K] (1 = the same
-    routes for every query bucket, as SortCut), indices into the Nk = Tk / kv_bucket_size key buckets (the own bucket of query bucket u is key bucket u); Nk names
-    the learned null bucket of `null_kv = (null_k, null_v)`, each [H, D]; -1 names no block. Routed keys and
+    routes for every query bucket, as SortCut), indices into the Nk = Tk / kv_bucket_size key buckets (the own bucket of
+    query bucket u is key bucket u); Nk names the learned null bucket of `null_kv = (null_k, null_v)`, each [H, D]; -1 names no block. Routed keys and
     values are multiplied by their weight. `causal` masks keys after the query inside its own bucket;
     `n_rotated_heads` trailing heads are in the causal half-head rotated frame (their last bucket holds the
     wrapped-around first tokens, which see only their own earlier tokens). Masks are bool [B, T] or [B, H, T];
@@ -46,38 +44,32 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
             f'got {tuple(route_indices.shape)} and {tuple(route_weights.shape)}')
     require(not own_bucket or Nq <= Nk,
             f'own_bucket needs a key bucket for every query bucket ({Nk} < {Nq}); pass own_bucket=False')
-    require(not causal or (bucket_size == kv_bucket_size and Tq == Tk),
-            'causal block attention needs equal query and key lengths and bucket sizes')
+    require(not causal or (bucket_size == kv_bucket_size and Tq == Tk and own_bucket),
+            'causal block attention needs equal query and key lengths and bucket sizes, and own_bucket=True')
     require(0 <= n_rotated_heads <= H, f'n_rotated_heads must be in [0, {H}], got {n_rotated_heads}')
     require(0 <= dropout_p < 1, f'dropout_p must be in [0, 1), got {dropout_p}')
     resolve_backend(backend, q.device)
 
     # the reference computes half precision in fp32: it is the ground truth the kernels are held to
     dtype = q.dtype
-    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    K = route_indices.shape[-1]
-    null_k = null_v = None
-    if null_kv is not None:
-        null_k, null_v = (repeat(t.reshape(H, D), 'h d -> (b h) d', b=B).to(compute) for t in null_kv)
-    rotated = None
-    if causal and n_rotated_heads:
-        rotated = (torch.arange(H, device=q.device) >= H - n_rotated_heads).repeat(B)
-    lay = reference.Layout(Nq, bucket_size, Nk, kv_bucket_size, K, own_bucket, causal, rotated,
-                           scale if scale is not None else D ** -0.5, dropout_p,
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+        null_kv = None if null_kv is None else tuple(t.float() for t in null_kv)
+    idx = route_indices.expand(B, H, Nq, -1)
+    w = route_weights.to(q.dtype).expand(B, H, Nq, -1)
+    has_none = bool((route_indices < 0).any())
+    unit_weights = not route_weights.requires_grad and bool((route_weights == 1).all())
+    if own_bucket:
+        own = torch.arange(Nq, device=q.device).view(1, 1, Nq, 1).expand(B, H, Nq, 1)
+        idx, w = torch.cat((idx, own), dim=-1), torch.cat((w, torch.ones_like(w[..., :1])), dim=-1)
+    null_k, null_v = (None, None) if null_kv is None else (t.reshape(H, D) for t in null_kv)
+    lay = reference.Layout(Nq, bucket_size, Nk, kv_bucket_size, idx.shape[-1], causal, n_rotated_heads if causal else 0,
+                           null_kv is not None, has_none, unit_weights, scale if scale is not None else D ** -0.5, dropout_p,
                            int(torch.randint(0, 2 ** 62, ())) if dropout_p > 0 else 0)
-
-    to_blocks = lambda t, n: rearrange(t.to(compute), 'b h (n s) d -> (b h) n s d', n=n).contiguous()
-    qm = _head_mask(q_mask, B, H, Tq, 'q_mask')
-    km = _head_mask(kv_mask, B, H, Tk, 'kv_mask')
-    out = reference.block_attention(
-        to_blocks(q, Nq), to_blocks(k, Nk), to_blocks(v, Nk),
-        route_indices.reshape(B * H, -1, K).expand(-1, Nq, -1).contiguous(),
-        route_weights.to(compute).reshape(B * H, -1, K).expand(-1, Nq, -1),
-        null_k, null_v,
-        qm.reshape(B * H, Nq, bucket_size) if qm is not None else None,
-        km.reshape(B * H, Nk, kv_bucket_size) if km is not None else None,
-        lay)
-    return rearrange(out, '(b h) n s d -> b h (n s) d', b=B).to(dtype)
+    out = reference.block_attention(q, k, v, idx.contiguous(), w, null_k, null_v,
+                                    _head_mask(q_mask, B, H, Tq, 'q_mask'), _head_mask(kv_mask, B, H, Tk, 'kv_mask'),
+                                    lay)
+    return out.to(dtype)
 
 
 def local_attention(q, k, v, *, window_size, causal=False, look_backward=1, look_forward=None, q_mask=None,
