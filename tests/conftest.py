@@ -25,3 +25,12 @@ def reference_pair(cls_name, *args, tie_values_to_keys=True, **kwargs):
         ref.load_state_dict(state)
     sk.load_reference_weights(ours, state)
     return ref, ours
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA device')
+    for item in items:
+        if 'gpu' in item.keywords:
+            item.add_marker(skip)

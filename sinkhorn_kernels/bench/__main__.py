@@ -1,0 +1,118 @@
+"""`python -m sinkhorn_kernels.bench`: sinkhorn-kernels against sinkhorn-transformer 0.11.4 and dense attention.
+
+Writes into --out: results.csv (appended), summary.md, and one PNG per op and mode.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from .cases import OPS, default_config, implementations, validate
+from .measure import isolated, measure
+from .report import append_csv, plot, read_csv, summary_markdown
+
+# sizes per device: the CPU run finishes in a few minutes on 2 cores; the GPU sweep goes to 64k tokens
+DEFAULT_SEQ_LENS = {
+    'cpu': {'sinkhorn': [1024, 2048, 4096], 'sinkhorn_attention': [1024, 2048, 4096], 'layer': [1024, 2048, 4096],
+            'lm': [1024, 2048]},
+    'cuda': {'sinkhorn': [1024, 4096, 16384, 65536], 'sinkhorn_attention': [1024, 4096, 16384, 65536],
+             'layer': [1024, 4096, 16384, 65536], 'lm': [1024, 4096, 16384]},
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog='python -m sinkhorn_kernels.bench', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--ops', nargs='+', choices=OPS, default=list(OPS), help='what to measure')
+    p.add_argument('--seq-lens', nargs='+', type=int, help='sequence lengths (default: chosen per device and op)')
+    p.add_argument('--batch', type=int, default=1)
+    p.add_argument('--heads', type=int, default=8)
+    p.add_argument('--dim-head', type=int, default=64)
+    p.add_argument('--bucket-size', type=int, default=64)
+    p.add_argument('--causal', choices=['both', 'yes', 'no'], default='both')
+    p.add_argument('--impls', nargs='+', help='only these implementations (names as in the CSV)')
+    p.add_argument('--dtype', choices=['float32', 'float16', 'bfloat16'],
+                   help='default: float32 on CPU, bfloat16 on CUDA')
+    p.add_argument('--device', choices=['cpu', 'cuda'], default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--warmup', type=int, help='untimed runs first (default: 1 on CPU, 5 on CUDA)')
+    p.add_argument('--repeats', type=int, help='timed runs; the median is reported (default: 3 on CPU, 20 on CUDA)')
+    p.add_argument('--out', default='bench-results', help='output folder (default: ./bench-results)')
+    p.add_argument('--no-plots', action='store_true')
+    args = p.parse_args(argv)
+
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        p.error('--device cuda was asked for but no CUDA device is available here; use --device cpu')
+    args.dtype = args.dtype or ('bfloat16' if args.device == 'cuda' else 'float32')
+    if args.device == 'cpu' and args.dtype != 'float32':
+        p.error(f'{args.dtype} is only measured on CUDA; on CPU use --dtype float32')
+    args.warmup = 1 if args.warmup is None and args.device == 'cpu' else (5 if args.warmup is None else args.warmup)
+    args.repeats = 3 if args.repeats is None and args.device == 'cpu' else (20 if args.repeats is None else args.repeats)
+    if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.heads < 1 or args.dim_head < 1:
+        p.error('--repeats, --batch, --heads and --dim-head must be positive and --warmup not negative')
+    return p, args
+
+
+def plan(p, args):
+    """Every (op, impl, cfg) to measure; an impossible size is a usage error, not a traceback."""
+    jobs = []
+    causal_values = {'both': (False, True), 'yes': (True,), 'no': (False,)}[args.causal]
+    for op in args.ops:
+        impls = implementations(op, args.device)
+        if args.impls:
+            impls = [i for i in impls if i in args.impls]
+        for seq_len in args.seq_lens or DEFAULT_SEQ_LENS[args.device][op]:
+            # the Sinkhorn op has no causal variant
+            for causal in causal_values if op != 'sinkhorn' else (False,):
+                cfg = default_config(op, args.device, seq_len, args.batch, args.heads, args.dim_head,
+                                     args.bucket_size, causal)
+                problem = validate(op, cfg)
+                if problem:
+                    p.error(f'{op}: {problem}')
+                jobs += [(op, impl, cfg) for impl in impls]
+    if not jobs:
+        p.error('nothing to measure: no implementation matches --impls ' + ' '.join(args.impls or []))
+    return jobs
+
+
+def main(argv=None):
+    from tqdm import tqdm
+
+    p, args = parse_args(argv)
+    jobs = plan(p, args)
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, 'results.csv')
+    rows, failures = [], []
+    for op, impl, cfg in tqdm(jobs, desc='benchmarks', unit='case'):
+        spec = dict(op=op, impl=impl, cfg=cfg, device=args.device, dtype=args.dtype, warmup=args.warmup,
+                    repeats=args.repeats)
+        try:
+            # on CPU the peak resident memory is per process: every case gets a fresh one
+            measured = isolated(spec) if args.device == 'cpu' else measure(**spec)
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            failures.append(f'{op} {impl} seq_len={cfg["seq_len"]} causal={cfg["causal"]}: {e}')
+            if args.device == 'cuda':
+                torch.cuda.empty_cache()
+            continue
+        new = [dict(impl=impl, op=op, causal=cfg['causal'], seq_len=cfg['seq_len'], batch=cfg['batch'],
+                    heads=cfg['heads'], dim_head=cfg['dim_head'], dtype=args.dtype, device=args.device, **m)
+               for m in measured]
+        append_csv(csv_path, new)
+        rows += new
+    all_rows = read_csv(csv_path) if os.path.exists(csv_path) else []
+    with open(os.path.join(args.out, 'summary.md'), 'w') as f:
+        device = torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'
+        f.write(f'# sinkhorn-kernels benchmark ({device}, {args.dtype})\n\n' + summary_markdown(rows))
+        if failures:
+            f.write('\n## Not measured\n\n' + ''.join(f'- {x}\n' for x in failures))
+    if rows and not args.no_plots:
+        plot(all_rows, args.out)
+    print(summary_markdown(rows))
+    for x in failures:
+        print('not measured:', x, file=sys.stderr)
+    print(f'results in {args.out}/ (results.csv, summary.md{", plots" if not args.no_plots else ""})')
+    return 0 if rows else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

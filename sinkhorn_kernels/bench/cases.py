@@ -1,0 +1,137 @@
+"""What the suite measures: for each op, the implementations to compare and how to build one call of each.
+
+A case builder returns (fn, inputs_requiring_grad, flops_fwd, io_bytes_fwd) for one configuration; `fn()` runs
+the forward and returns a tensor to backpropagate from.
+"""
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+import sinkhorn_kernels as sk
+from sinkhorn_kernels.ops import available_backends
+
+OPS = ('sinkhorn', 'sinkhorn_attention', 'layer', 'lm')
+DIM, HEADS = 512, 8
+
+
+def has_reference():
+    return importlib.util.find_spec('sinkhorn_transformer') is not None
+
+
+def implementations(op, device):
+    """The implementation names measured for `op` on `device`: ours on every backend present, the reference, and
+    dense attention where it is comparable."""
+    ours = [f'sinkhorn_kernels[{name}]' for name, (ok, _) in available_backends().items()
+            if ok and (name == 'reference' or device == 'cuda')]
+    extra = ['reference'] if has_reference() else []
+    if op == 'sinkhorn_attention':
+        extra.append('sdpa')
+    return ours + extra
+
+
+def backend_of(impl):
+    return impl[len('sinkhorn_kernels['):-1]
+
+
+def attention_keys_per_query(cfg):
+    """Keys each query attends to (blocks actually computed): own bucket plus routed buckets (+ null for causal)."""
+    return cfg['bucket_size'] * (1 + cfg['n_top'])
+
+
+def build(op, impl, cfg, device, dtype):
+    torch.manual_seed(0)
+    B, H, T, D = cfg['batch'], cfg['heads'], cfg['seq_len'], cfg['dim_head']
+    causal, bucket = cfg['causal'], cfg['bucket_size']
+    elem = torch.finfo(dtype).bits // 8
+    if op == 'sinkhorn':
+        n = cfg['buckets']
+        x = torch.randn(cfg['matrices'], n, n, device=device, dtype=dtype, requires_grad=True)
+        if impl == 'reference':
+            from sinkhorn_transformer.sinkhorn_transformer import sinkhorn_sorting_operator
+            fn = lambda: sinkhorn_sorting_operator(x, cfg['sinkhorn_iter'])
+        else:
+            fn = lambda: sk.ops.sinkhorn_normalize(x, cfg['sinkhorn_iter'], backend=backend_of(impl))
+        # per iteration: two logsumexp passes (max, exp, sum, log) and two subtractions over the matrix
+        return fn, [x], 10 * x.numel() * cfg['sinkhorn_iter'], 2 * x.numel() * elem
+
+    if op == 'sinkhorn_attention':
+        q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        io = 4 * B * H * T * D * elem
+        if impl == 'sdpa':
+            fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return fn, [q, k, v], 4 * B * H * T * T * D // (2 if causal else 1), io
+        keys = attention_keys_per_query(cfg)
+        flops = 4 * B * H * T * keys * D
+        io += 2 * B * H * T * cfg['n_top'] * D * elem  # routed key/value blocks read once more per route
+        if impl == 'reference':
+            from sinkhorn_transformer.sinkhorn_transformer import SinkhornAttention, SinkhornCausalAttention
+            if causal:
+                attn = SinkhornCausalAttention(bucket, DIM, D, H, T, n_top_buckets=cfg['n_top'], temperature=0.75)
+            else:
+                attn = SinkhornAttention(bucket, DIM, D, H, T, n_top_buckets=cfg['n_top'])
+            attn = attn.to(device, dtype)
+            return (lambda: attn(q, k, v)), [q, k, v], flops, io
+        null = tuple(torch.randn(H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+        fn = lambda: sk.ops.sinkhorn_attention(q, k, v, bucket_size=bucket, n_top_buckets=cfg['n_top'], causal=causal,
+                                               null_kv=null if causal else None, backend=backend_of(impl))
+        return fn, [q, k, v], flops, io
+
+    if op == 'layer':
+        module = _module(impl, 'SinkhornSelfAttention')(DIM, bucket, T, heads=H, causal=causal,
+                                                       non_permutative=True, n_top_buckets=cfg['n_top'])
+        module = module.to(device, dtype)
+        x = torch.randn(B, T, DIM, device=device, dtype=dtype, requires_grad=True)
+        flops = 4 * B * H * T * attention_keys_per_query(cfg) * D + 2 * B * T * DIM * (4 * H * D)
+        return _with_backend(impl, lambda: module(x)), [x], flops, 2 * B * T * DIM * elem
+
+    if op == 'lm':
+        depth, vocab = cfg['depth'], 256
+        model = _module(impl, 'SinkhornTransformerLM')(vocab, DIM, T, depth, heads=H, bucket_size=bucket,
+                                                       causal=causal, n_top_buckets=cfg['n_top']).to(device, dtype)
+        tokens = torch.randint(0, vocab, (B, T), device=device)
+        loss = lambda: F.cross_entropy(model(tokens).transpose(1, 2).float(), tokens)
+        params = sum(p.numel() for p in model.parameters())
+        flops = depth * 4 * B * H * T * attention_keys_per_query(cfg) * D + 2 * B * T * params
+        return _with_backend(impl, loss), list(model.parameters()), flops, 2 * params * elem
+    raise ValueError(f'unknown op {op!r}; choose from {OPS}')
+
+
+def _module(impl, name):
+    if impl == 'reference':
+        import sinkhorn_transformer
+        return getattr(sinkhorn_transformer, name)
+    return getattr(sk, name)
+
+
+def _with_backend(impl, fn):
+    if impl == 'reference':
+        return fn
+
+    def run():
+        sk.set_backend(backend_of(impl))
+        try:
+            return fn()
+        finally:
+            sk.set_backend(None)
+    return run
+
+
+def default_config(op, device, seq_len, batch, heads, dim_head, bucket_size, causal):
+    cfg = dict(seq_len=seq_len, batch=batch, heads=heads, dim_head=dim_head, bucket_size=bucket_size,
+               causal=causal, n_top=2, sinkhorn_iter=8, depth=2)
+    if op == 'sinkhorn':
+        # the Sinkhorn op's size: one routing matrix per (batch, head), as many buckets as the sequence has
+        cfg.update(buckets=max(2, seq_len // bucket_size), matrices=batch * heads * 64)
+    return cfg
+
+
+def validate(op, cfg):
+    """Why a configuration cannot run, or None."""
+    if cfg['seq_len'] % cfg['bucket_size']:
+        return f'sequence length {cfg["seq_len"]} is not a multiple of the bucket size {cfg["bucket_size"]}'
+    if cfg['seq_len'] < 2 * cfg['bucket_size'] and op != 'sinkhorn':
+        return f'sequence length {cfg["seq_len"]} needs at least two buckets of {cfg["bucket_size"]}'
+    if op in ('layer', 'lm') and cfg['heads'] * cfg['dim_head'] != DIM:
+        return f'the {op} benchmark uses dim {DIM}: heads * dim_head must equal {DIM}'
+    return None

@@ -1,0 +1,88 @@
+"""Timing and memory of one case. GPU: CUDA events and the allocator's peak; CPU: perf_counter and the process's
+peak resident memory (so each CPU case runs in a fresh process, see `isolated`)."""
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from .cases import build
+
+MODES = ('fwd', 'fwd+bwd')
+
+
+def _rss_mb():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timer(device):
+    if device == 'cuda':
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        return run
+
+    def run(fn):
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return run
+
+
+def _percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def measure(op, impl, cfg, device, dtype, warmup, repeats):
+    """One row per mode: ms_median, ms_p20, ms_p80, peak_mem_mb, tflops, gbps."""
+    dtype = getattr(torch, dtype)
+    fn, leaves, flops_fwd, io_fwd = build(op, impl, cfg, device, dtype)
+    timer = _timer(device)
+
+    def fwd():
+        with torch.no_grad():
+            fn()
+
+    def fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        fn().float().sum().backward()
+
+    rows = []
+    # forward first: on CPU the process's peak only grows, so it is read after the forward-only runs
+    for mode, step, flop_factor, io_factor in (('fwd', fwd, 1.0, 1), ('fwd+bwd', fwd_bwd, 3.5, 3)):
+        if device == 'cuda':
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(warmup):
+            step()
+        times = [timer(step) for _ in range(repeats)]
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == 'cuda' else _peak_rss_mb()
+        ms = _percentile(times, 0.5)
+        # FlashAttention's convention: backward counts 2.5 times the forward's FLOPs
+        rows.append(dict(mode=mode, ms_median=ms, ms_p20=_percentile(times, 0.2), ms_p80=_percentile(times, 0.8),
+                         peak_mem_mb=peak, tflops=flop_factor * flops_fwd / ms / 1e9,
+                         gbps=io_factor * io_fwd / ms / 1e6))
+    return rows
+
+
+def isolated(spec):
+    """Runs `measure(**spec)` in a fresh Python process; returns its rows or raises RuntimeError with its error."""
+    proc = subprocess.run([sys.executable, '-m', 'sinkhorn_kernels.bench.worker', json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f'exit {proc.returncode}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
