@@ -1,7 +1,13 @@
+import os
+
 import pytest
 import torch
 
-import sinkhorn_kernels as sk
+# without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before they are imported
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
+import sinkhorn_kernels as sk  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,21 +1,33 @@
 """Which implementation runs an op: 'reference' (PyTorch), 'triton' or 'cuda'.
 
 Resolution order: the call's `backend=`, then `set_backend(...)`, then the environment variable
-SINKHORN_KERNELS_BACKEND, then automatic (the fastest available one for the tensor's device).
+SINKHORN_KERNELS_BACKEND, then automatic: Triton for CUDA tensors when it is installed, the reference otherwise.
 """
+import functools
+import importlib.util
 import os
+
+import torch
 
 BACKENDS = ('reference', 'triton', 'cuda')
 
 _global_backend = None
 
 
+def triton_interpreted():
+    return os.environ.get('TRITON_INTERPRET') == '1'
+
+
+@functools.cache
 def _unavailable_reasons():
     """Backend name -> why it cannot run here (absent when it can)."""
-    return {
-        'triton': 'the fused Triton kernels are not implemented yet in this release',
-        'cuda': 'the CUDA C++ extension sinkhorn_kernels._C is not implemented yet in this release',
-    }
+    reasons = {'cuda': 'the CUDA C++ extension sinkhorn_kernels._C is not implemented yet in this release'}
+    if importlib.util.find_spec('triton') is None:
+        reasons['triton'] = 'triton is not installed (pip install triton)'
+    elif not torch.cuda.is_available() and not triton_interpreted():
+        reasons['triton'] = ('there is no CUDA device; to run the Triton kernels on CPU through the interpreter set '
+                             'TRITON_INTERPRET=1 before importing sinkhorn_kernels')
+    return reasons
 
 
 def available_backends():
@@ -41,7 +53,10 @@ def _validate(name):
 
 def resolve_backend(backend, device):
     name = backend or _global_backend or os.environ.get('SINKHORN_KERNELS_BACKEND') or None
-    if name is not None:
-        return _validate(name)
-    # automatic: the fused backends only exist for CUDA tensors; until they ship everything runs the reference
-    return 'reference'
+    if name is None:
+        return 'triton' if device.type == 'cuda' and 'triton' not in _unavailable_reasons() else 'reference'
+    name = _validate(name)
+    if name == 'triton' and device.type != 'cuda' and not triton_interpreted():
+        raise ValueError(f'backend \'triton\' got {device.type} tensors: the kernels run on CUDA tensors, or on CPU '
+                         'tensors with TRITON_INTERPRET=1 set before importing sinkhorn_kernels')
+    return name

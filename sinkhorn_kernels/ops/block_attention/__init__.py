@@ -48,28 +48,55 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
             'causal block attention needs equal query and key lengths and bucket sizes, and own_bucket=True')
     require(0 <= n_rotated_heads <= H, f'n_rotated_heads must be in [0, {H}], got {n_rotated_heads}')
     require(0 <= dropout_p < 1, f'dropout_p must be in [0, 1), got {dropout_p}')
-    resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device)
+    scale = D ** -0.5 if scale is None else scale
+    idx = route_indices.expand(B, H, Nq, -1)
+    w = route_weights.expand(B, H, Nq, -1)
+    if own_bucket:
+        own = torch.arange(Nq, device=q.device).view(1, 1, Nq, 1).expand(B, H, Nq, 1)
+        idx, w = torch.cat((idx, own), dim=-1), torch.cat((w, torch.ones_like(w[..., :1])), dim=-1)
+    qm, km = _head_mask(q_mask, B, H, Tq, 'q_mask'), _head_mask(kv_mask, B, H, Tk, 'kv_mask')
+    n_rotated_heads = n_rotated_heads if causal else 0
+    if name == 'triton':
+        return _triton(q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_size, causal, n_rotated_heads,
+                       scale, dropout_p)
 
     # the reference computes half precision in fp32: it is the ground truth the kernels are held to
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
         null_kv = None if null_kv is None else tuple(t.float() for t in null_kv)
-    idx = route_indices.expand(B, H, Nq, -1)
-    w = route_weights.to(q.dtype).expand(B, H, Nq, -1)
-    has_none = bool((route_indices < 0).any())
     unit_weights = not route_weights.requires_grad and bool((route_weights == 1).all())
-    if own_bucket:
-        own = torch.arange(Nq, device=q.device).view(1, 1, Nq, 1).expand(B, H, Nq, 1)
-        idx, w = torch.cat((idx, own), dim=-1), torch.cat((w, torch.ones_like(w[..., :1])), dim=-1)
     null_k, null_v = (None, None) if null_kv is None else (t.reshape(H, D) for t in null_kv)
-    lay = reference.Layout(Nq, bucket_size, Nk, kv_bucket_size, idx.shape[-1], causal, n_rotated_heads if causal else 0,
-                           null_kv is not None, has_none, unit_weights, scale if scale is not None else D ** -0.5, dropout_p,
+    lay = reference.Layout(Nq, bucket_size, Nk, kv_bucket_size, idx.shape[-1], causal, n_rotated_heads,
+                           null_kv is not None, bool((route_indices < 0).any()), unit_weights, scale, dropout_p,
                            int(torch.randint(0, 2 ** 62, ())) if dropout_p > 0 else 0)
-    out = reference.block_attention(q, k, v, idx.contiguous(), w, null_k, null_v,
-                                    _head_mask(q_mask, B, H, Tq, 'q_mask'), _head_mask(kv_mask, B, H, Tk, 'kv_mask'),
-                                    lay)
+    out = reference.block_attention(q, k, v, idx.contiguous(), w.to(q.dtype), null_k, null_v, qm, km, lay)
     return out.to(dtype)
+
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_BLOCK = 128
+
+
+def _triton(q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_size, causal, n_rotated_heads, scale,
+            dropout_p):
+    from . import triton
+    B, H, _, D = q.shape
+    require(q.dtype in TRITON_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype,
+            f'the triton backend takes q, k, v of one dtype among float16, bfloat16, float32; got {q.dtype}, '
+            f'{k.dtype}, {v.dtype}')
+    require(max(bucket_size, kv_bucket_size, D) <= TRITON_MAX_BLOCK,
+            f'the triton backend supports bucket sizes and dim_head up to {TRITON_MAX_BLOCK}; got bucket '
+            f'{bucket_size}, kv bucket {kv_bucket_size}, dim_head {D}; use backend=\'reference\'')
+    require(dropout_p == 0, 'attention dropout is not implemented in the triton backend yet; pass dropout_p=0 '
+                            "(attn_dropout=0) or use backend='reference'")
+    null_k, null_v = (None, None) if null_kv is None else (t.reshape(H, D).to(q.dtype).contiguous() for t in null_kv)
+    expand = lambda m: None if m is None else m.expand(B, H, -1)
+    out, _ = triton.block_attention_fwd(q, k, v, idx.to(torch.int32).contiguous(), w.float().contiguous(), null_k,
+                                        null_v, expand(qm), expand(km), bucket_size, kv_bucket_size, causal,
+                                        n_rotated_heads, scale)
+    return out
 
 
 def local_attention(q, k, v, *, window_size, causal=False, look_backward=1, look_forward=None, q_mask=None,

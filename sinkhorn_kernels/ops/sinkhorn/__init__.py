@@ -13,7 +13,9 @@ def sinkhorn_normalize(log_alpha, n_iters, backend=None):
         raise ValueError(f'sinkhorn_normalize expects [..., n, m] scores, got shape {tuple(log_alpha.shape)}')
     if n_iters < 0:
         raise ValueError(f'n_iters must be >= 0, got {n_iters}')
-    resolve_backend(backend, log_alpha.device)
+    if resolve_backend(backend, log_alpha.device) == 'triton' and n_iters > 0:
+        from . import triton
+        return triton.sinkhorn_normalize(log_alpha, n_iters)
     return reference.sinkhorn_normalize(log_alpha, n_iters)
 
 

@@ -1,0 +1,327 @@
+"""Block attention in Triton: FlashAttention-style online softmax over routed blocks loaded by index.
+
+One program per (query bucket, batch x head). Routes are idx/w [B, H, Nq, R] (int32 / fp32; the own bucket, when
+present, is the last route with weight 1); idx == Nk is the learned null bucket, -1 no block. Routed keys and
+values are scaled by their weight inside the kernel: no gathered copy of K/V exists, and no score tensor.
+
+Backward: a dQ kernel (which also gives the route weights' gradients) walks each query bucket's routes; a dK/dV
+kernel walks, for each key block (and the null block), the list of (query bucket, route) that read it, from a
+reverse index built with a sort: every gradient is written once, with no atomics, so results are deterministic.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..outputs import new_output
+
+
+@triton.jit
+def _allowed(rows, cols, u, j, blk, h, b, QM, KM, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, BS, KBS,
+             CAUSAL: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] of the (query row, key column) pairs that may attend, for route j of query bucket u.
+    Scalar conditions are broadcast to vectors first (the Triton interpreter rejects scalar-and-block masks)."""
+    blk_v = cols * 0 + blk
+    ok = (rows[:, None] < BS) & (cols[None, :] < KBS) & (blk_v >= 0)[None, :]
+    if HAS_QMASK:
+        qm = tl.load(QM + b * sqm_b + h * sqm_h + u * BS + rows, mask=rows < BS, other=0)
+        ok = ok & (qm != 0)[:, None]
+    if HAS_KVMASK:
+        safe = tl.minimum(tl.maximum(blk, 0), Nk - 1)
+        km = tl.load(KM + b * skm_b + h * skm_h + safe * KBS + cols, mask=cols < KBS, other=0)
+        ok = ok & ((km != 0) | (blk_v == Nk))[None, :]
+    if CAUSAL:
+        # causal attention always has the own bucket, as the last route
+        routed = (cols * 0 + j) < R - 1
+        ok = ok & ((cols[None, :] <= rows[:, None]) | routed[None, :])
+        # rotated heads: the last bucket's rows 1.. are the wrapped-around first tokens of the sequence; they see
+        # only their own earlier tokens, not the routed blocks nor key 0 (the last token)
+        wrapped = ((rows * 0 + h) >= H - n_rot) & ((rows * 0 + u) == Nq - 1) & (rows >= 1)
+        hidden = wrapped[:, None] & (routed | (cols == 0))[None, :]
+        ok = ok & (hidden == 0)
+    return ok
+
+
+@triton.jit
+def _load_block(X, NULL, blk, b, h, sxb, sxh, sxt, sxd, Nk, KBS, D, cols, dims, HAS_NULL: tl.constexpr):
+    """Key or value block `blk` as [BLOCK_N, BLOCK_D] (the null vector repeated for blk == Nk, zeros for -1)."""
+    safe = tl.minimum(tl.maximum(blk, 0), Nk - 1)
+    blk_v = cols * 0 + blk
+    ptrs = X + b * sxb + h * sxh + (safe * KBS + cols)[:, None] * sxt + dims[None, :] * sxd
+    real = (cols < KBS) & (blk_v >= 0) & (blk_v < Nk)
+    x = tl.load(ptrs, mask=real[:, None] & (dims[None, :] < D), other=0.0)
+    if HAS_NULL:
+        null = tl.load(NULL + h * D + dims, mask=dims < D, other=0.0).to(x.dtype)
+        x = tl.where(((blk_v == Nk) & (cols < KBS))[:, None], null[None, :] + tl.zeros_like(x), x)
+    return x
+
+
+@triton.jit
+def _fwd(Q, K, V, O, LSE, IDX, W, NK, NV, QM, KM,
+         sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
+         sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale,
+         BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+         BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
+         HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr):
+    u = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * sqb + h * sqh + (u * BS + rows)[:, None] * sqt + dims[None, :] * sqd,
+                mask=(rows[:, None] < BS) & (dims[None, :] < D), other=0.0)
+    run_max = tl.full([BLOCK_M], float('-inf'), tl.float32)
+    run_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    route = (bh * Nq + u) * R
+    for j in range(R):
+        blk = tl.load(IDX + route + j)
+        w = tl.load(W + route + j)
+        k = _load_block(K, NK, blk, b, h, skb, skh, skt, skd, Nk, KBS, D, cols, dims, HAS_NULL)
+        v = _load_block(V, NV, blk, b, h, svb, svh, svt, svd, Nk, KBS, D, cols, dims, HAS_NULL)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * w)
+        ok = _allowed(rows, cols, u, j, blk, h, b, QM, KM, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, BS, KBS,
+                      CAUSAL, HAS_QMASK, HAS_KVMASK)
+        s = tl.where(ok, s, float('-inf'))
+        new_max = tl.maximum(run_max, tl.max(s, axis=1))
+        shift = tl.where(new_max == float('-inf'), 0.0, new_max)  # rows with nothing visible yet
+        p = tl.exp(s - shift[:, None])
+        alpha = tl.exp(run_max - shift)
+        run_sum = run_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot((p * w).to(v.dtype), v, input_precision=PRECISION)
+        run_max = new_max
+    dead = run_sum == 0.0  # no visible key: attend to nothing
+    out = tl.where(dead[:, None], 0.0, acc / tl.where(dead, 1.0, run_sum)[:, None])
+    tl.store(O + b * sob + h * soh + (u * BS + rows)[:, None] * sot + dims[None, :] * sod, out.to(O.dtype.element_ty),
+             mask=(rows[:, None] < BS) & (dims[None, :] < D))
+    # +inf for dead rows: backward's exp(s - lse) is then 0 for every key
+    lse = tl.where(dead, float('inf'), run_max + tl.log(tl.where(dead, 1.0, run_sum)))
+    tl.store(LSE + bh * Nq * BS + u * BS + rows, lse, mask=rows < BS)
+
+
+@triton.jit
+def _scores_and_probs(q, k, w, lse, ok, scale, PRECISION: tl.constexpr):
+    s_raw = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    p = tl.where(ok, tl.exp(s_raw * w - lse[:, None]), 0.0)
+    return s_raw, p
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
+            sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod,
+            sdqb, sdqh, sdqt, sdqd, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale,
+            BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
+            HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr):
+    u = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = (rows[:, None] < BS) & (dims[None, :] < D)
+    q = tl.load(Q + b * sqb + h * sqh + (u * BS + rows)[:, None] * sqt + dims[None, :] * sqd, mask=row_ok, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + (u * BS + rows)[:, None] * sdot + dims[None, :] * sdod, mask=row_ok,
+                 other=0.0)
+    lse = tl.load(LSE + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=float('inf'))
+    delta = tl.load(DELTA + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    route = (bh * Nq + u) * R
+    for j in range(R):
+        blk = tl.load(IDX + route + j)
+        w = tl.load(W + route + j)
+        k = _load_block(K, NK, blk, b, h, skb, skh, skt, skd, Nk, KBS, D, cols, dims, HAS_NULL)
+        v = _load_block(V, NV, blk, b, h, svb, svh, svt, svd, Nk, KBS, D, cols, dims, HAS_NULL)
+        ok = _allowed(rows, cols, u, j, blk, h, b, QM, KM, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, BS, KBS,
+                      CAUSAL, HAS_QMASK, HAS_KVMASK)
+        s_raw, p = _scores_and_probs(q, k, w, lse, ok, scale, PRECISION)
+        dp_raw = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dO . v before the route weight
+        ds = p * (dp_raw * w - delta[:, None])
+        dq += tl.dot((ds * w).to(k.dtype), k, input_precision=PRECISION)
+        # s = w * s_raw and the values are w * v: d/dw = <ds, s_raw> + <p, dO v>
+        tl.store(DW + route + j, tl.sum(tl.sum(ds * s_raw + p * dp_raw, axis=1), axis=0))
+    tl.store(DQ + b * sdqb + h * sdqh + (u * BS + rows)[:, None] * sdqt + dims[None, :] * sdqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, READERS, START, COUNT,
+             sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod,
+             sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale,
+             BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
+             HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr):
+    n = tl.program_id(0)  # key block; n == Nk is the null block
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    k = _load_block(K, NK, n, b, h, skb, skh, skt, skd, Nk, KBS, D, cols, dims, HAS_NULL)
+    v = _load_block(V, NV, n, b, h, svb, svh, svt, svd, Nk, KBS, D, cols, dims, HAS_NULL)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    start = tl.load(START + bh * (Nk + 1) + n)
+    count = tl.load(COUNT + bh * (Nk + 1) + n)
+    row_ok = (rows[:, None] < BS) & (dims[None, :] < D)
+    for r in range(count):
+        e = tl.load(READERS + bh * Nq * R + start + r)
+        u, j = e // R, e % R
+        w = tl.load(W + bh * Nq * R + e)
+        q = tl.load(Q + b * sqb + h * sqh + (u * BS + rows)[:, None] * sqt + dims[None, :] * sqd, mask=row_ok,
+                    other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + (u * BS + rows)[:, None] * sdot + dims[None, :] * sdod, mask=row_ok,
+                     other=0.0)
+        lse = tl.load(LSE + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=float('inf'))
+        delta = tl.load(DELTA + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=0.0)
+        ok = _allowed(rows, cols, u, j, n, h, b, QM, KM, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, BS, KBS,
+                      CAUSAL, HAS_QMASK, HAS_KVMASK)
+        s_raw, p = _scores_and_probs(q, k, w, lse, ok, scale, PRECISION)
+        dv += tl.dot(tl.trans((p * w).to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * w
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans((ds * (w * scale)).to(q.dtype)), q, input_precision=PRECISION)
+    blk_ok = (cols[:, None] < KBS) & (dims[None, :] < D)
+    if n < Nk:
+        tl.store(DK + b * sdkb + h * sdkh + (n * KBS + cols)[:, None] * sdkt + dims[None, :] * sdkd,
+                 dk.to(DK.dtype.element_ty), mask=blk_ok)
+        tl.store(DV + b * sdvb + h * sdvh + (n * KBS + cols)[:, None] * sdvt + dims[None, :] * sdvd,
+                 dv.to(DV.dtype.element_ty), mask=blk_ok)
+    elif HAS_NULL:
+        # the null block is one vector repeated over the block: its gradient is the sum over the block's rows
+        tl.store(DNK + bh * D + dims, tl.sum(tl.where(blk_ok, dk, 0.0), axis=0), mask=dims < D)
+        tl.store(DNV + bh * D + dims, tl.sum(tl.where(blk_ok, dv, 0.0), axis=0), mask=dims < D)
+
+
+def _pow2(x):
+    return max(16, triton.next_power_of_2(x))
+
+
+class Launch:
+    """Sizes, flags and strides shared by the three kernels of one call."""
+
+    def __init__(self, q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale):
+        self.B, self.H, Tq, self.D = q.shape
+        self.Nq, self.Nk, self.R = Tq // bs, k.shape[2] // kbs, idx.shape[-1]
+        self.q_mask, self.kv_mask = q_mask, kv_mask
+        qm_strides = (q_mask.stride(0), q_mask.stride(1)) if q_mask is not None else (0, 0)
+        km_strides = (kv_mask.stride(0), kv_mask.stride(1)) if kv_mask is not None else (0, 0)
+        self.mask_strides = (*qm_strides, *km_strides)
+        self.sizes = (self.H, self.Nq, self.Nk, self.R, n_rotated_heads if causal else 0, scale)
+        self.meta = dict(BS=bs, KBS=kbs, D=self.D, BLOCK_M=_pow2(bs), BLOCK_N=_pow2(kbs), BLOCK_D=_pow2(self.D),
+                         CAUSAL=causal, HAS_NULL=null_k is not None, HAS_QMASK=q_mask is not None,
+                         HAS_KVMASK=kv_mask is not None,
+                         PRECISION='ieee' if q.dtype == torch.float32 else 'tf32',
+                         num_warps=4 if _pow2(bs) * _pow2(self.D) <= 64 * 64 else 8)
+
+    def masks(self, dummy):
+        return (self.q_mask if self.q_mask is not None else dummy, self.kv_mask if self.kv_mask is not None else dummy)
+
+
+def _strides(*tensors):
+    return [s for t in tensors for s in t.stride()]
+
+
+def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale):
+    """-> (out [B, H, Tq, D] stored as [B, Tq, H, D], lse [B, H, Tq] fp32)."""
+    L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale)
+    out = new_output(q.new_empty(L.B, q.shape[2], L.H, L.D).transpose(1, 2))
+    lse = new_output(torch.empty(L.B, L.H, q.shape[2], device=q.device, dtype=torch.float32))
+    null_k = null_k if null_k is not None else q
+    null_v = null_v if null_v is not None else q
+    _fwd[(L.Nq, L.B * L.H)](q, k, v, out, lse, idx, w, null_k, null_v, *L.masks(idx),
+                            *_strides(q, k, v, out), *L.mask_strides, *L.sizes, **L.meta)
+    return out, lse
+
+
+def reverse_index(idx, Nk):
+    """For every (batch x head, key block n in 0..Nk): the flat route numbers u * R + j that read block n,
+    as (readers [BH, Nq * R] sorted by block, start [BH, Nk + 1], count [BH, Nk + 1])."""
+    BH = idx.shape[0] * idx.shape[1]
+    flat = idx.reshape(BH, -1).long()
+    target = torch.where(flat < 0, Nk + 1, flat)  # routes to no block sort last and are never read
+    order = torch.argsort(target * flat.shape[1] + torch.arange(flat.shape[1], device=idx.device), dim=1)
+    count = torch.zeros(BH, Nk + 2, dtype=torch.int64, device=idx.device).scatter_add_(1, target, torch.ones_like(target))
+    start = count.cumsum(dim=1) - count
+    as_i32 = lambda t: t[:, :Nk + 1].to(torch.int32).contiguous()
+    return order.to(torch.int32).contiguous(), as_i32(start), as_i32(count)
+
+
+def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads,
+             scale):
+    """-> (dq, dk, dv, dw [B, H, Nq, R] fp32, dnull_k [B, H, D] fp32 or None, dnull_v)."""
+    L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale)
+    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    dq = new_output(torch.empty_like(q))
+    dk, dv = new_output(torch.empty_like(k)), new_output(torch.empty_like(v))
+    dw = new_output(torch.empty(idx.shape, device=q.device, dtype=torch.float32))
+    has_null = null_k is not None
+    dnk = new_output(torch.empty(L.B, L.H, L.D, device=q.device, dtype=torch.float32)) if has_null else None
+    dnv = new_output(torch.empty_like(dnk)) if has_null else None
+    nk, nv = (null_k, null_v) if has_null else (q, q)
+    masks = L.masks(idx)
+    _bwd_dq[(L.Nq, L.B * L.H)](q, k, v, dout, dq, dw, lse, delta, idx, w, nk, nv, *masks,
+                               *_strides(q, k, v, dout, dq), *L.mask_strides, *L.sizes, **L.meta)
+    readers, start, count = reverse_index(idx, L.Nk)
+    _bwd_dkv[(L.Nk + (1 if has_null else 0), L.B * L.H)](
+        q, k, v, dout, dk, dv, dnk if has_null else dq, dnv if has_null else dq, lse, delta, idx, w, nk, nv, *masks,
+        readers, start, count, *_strides(q, k, v, dout, dk, dv), *L.mask_strides, *L.sizes, **L.meta)
+    return dq, dk, dv, dw, dnk, dnv
+
+
+@torch.library.custom_op('sinkhorn_kernels::block_attention_fwd', mutates_args=())
+def block_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                        null_k: torch.Tensor | None, null_v: torch.Tensor | None, q_mask: torch.Tensor | None,
+                        kv_mask: torch.Tensor | None, bucket_size: int, kv_bucket_size: int, causal: bool,
+                        n_rotated_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size, causal,
+                   n_rotated_heads, scale)
+
+
+@block_attention_fwd.register_fake
+def _(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size, causal, n_rotated_heads,
+      scale):
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op('sinkhorn_kernels::block_attention_bwd', mutates_args=())
+def block_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, null_k: torch.Tensor | None,
+                        null_v: torch.Tensor | None, q_mask: torch.Tensor | None, kv_mask: torch.Tensor | None,
+                        bucket_size: int, kv_bucket_size: int, causal: bool, n_rotated_heads: int, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dw, dnk, dnv = backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size,
+                                       kv_bucket_size, causal, n_rotated_heads, scale)
+    if dnk is None:  # custom ops return tensors only: empty null gradients
+        dnk, dnv = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dw, dnk, dnv
+
+
+@block_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size, causal,
+      n_rotated_heads, scale):
+    B, H, _, D = q.shape
+    null_shape = (B, H, D) if null_k is not None else (0,)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w),
+            q.new_empty(null_shape, dtype=torch.float32), q.new_empty(null_shape, dtype=torch.float32))
+
+
+_STATIC = ('bucket_size', 'kv_bucket_size', 'causal', 'n_rotated_heads', 'scale')
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *static = inputs
+    ctx.save_for_backward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *output)
+    ctx.static = static
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, dw, dnk, dnv = block_attention_bwd(dout.contiguous(), q, k, v, out, lse, idx, w, null_k, null_v,
+                                                   q_mask, kv_mask, *ctx.static)
+    null_grads = (dnk.sum(0).to(null_k.dtype), dnv.sum(0).to(null_v.dtype)) if null_k is not None else (None, None)
+    return (dq, dk, dv, None, dw, *null_grads, None, None) + (None,) * len(_STATIC)
+
+
+block_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,239 @@
+"""Sinkhorn normalization in Triton: all iterations of one matrix in one program, forward and backward.
+
+Every iterate is x - a_t[i] - b_t[j] for the row offsets a_t = rowLSE(x - b_{t-1}) and column offsets
+b_t = colLSE(x - a_t), so a program iterates only these vectors (kept per iteration, n + m floats each) and
+walks the matrix in tiles: any size works, nothing of size n x m is stored but the output. Backward rebuilds
+each iterate from x and the vectors, computes the offsets' gradients in a reverse sweep, then dx in one pass.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..outputs import new_output
+
+
+@triton.jit
+def _row_lse(X, OFF, OUT, n, m, BR: tl.constexpr, BC: tl.constexpr):
+    """OUT[i] = logsumexp_j (X[i, j] - OFF[j])."""
+    for i0 in range(0, n, BR):
+        rows = i0 + tl.arange(0, BR)
+        run_max = tl.full([BR], float('-inf'), tl.float32)
+        run_sum = tl.zeros([BR], tl.float32)
+        for j0 in range(0, m, BC):
+            cols = j0 + tl.arange(0, BC)
+            ok = (rows[:, None] < n) & (cols[None, :] < m)
+            z = tl.load(X + rows[:, None] * m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            z -= tl.load(OFF + cols, mask=cols < m, other=0.0)[None, :]
+            z = tl.where(ok, z, float('-inf'))
+            new_max = tl.maximum(run_max, tl.max(z, axis=1))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+            run_max = new_max
+        tl.store(OUT + rows, run_max + tl.log(run_sum), mask=rows < n)
+
+
+@triton.jit
+def _col_lse(X, OFF, OUT, n, m, BR: tl.constexpr, BC: tl.constexpr):
+    """OUT[j] = logsumexp_i (X[i, j] - OFF[i])."""
+    for j0 in range(0, m, BC):
+        cols = j0 + tl.arange(0, BC)
+        run_max = tl.full([BC], float('-inf'), tl.float32)
+        run_sum = tl.zeros([BC], tl.float32)
+        for i0 in range(0, n, BR):
+            rows = i0 + tl.arange(0, BR)
+            ok = (rows[:, None] < n) & (cols[None, :] < m)
+            z = tl.load(X + rows[:, None] * m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            z -= tl.load(OFF + rows, mask=rows < n, other=0.0)[:, None]
+            z = tl.where(ok, z, float('-inf'))
+            new_max = tl.maximum(run_max, tl.max(z, axis=0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[None, :]), axis=0)
+            run_max = new_max
+        tl.store(OUT + cols, run_max + tl.log(run_sum), mask=cols < m)
+
+
+@triton.jit
+def _sinkhorn_fwd(X, P, A, B, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr):
+    """A[t] = a_{t+1} (row offsets), B[t] = b_t (column offsets, B[0] = 0 given)."""
+    g = tl.program_id(0).to(tl.int64)
+    X += g * n * m
+    P += g * n * m
+    A += g * n_iters * n
+    B += g * (n_iters + 1) * m
+    for t in range(n_iters):
+        _row_lse(X, B + t * m, A + t * n, n, m, BR, BC)
+        tl.debug_barrier()
+        _col_lse(X, A + t * n, B + (t + 1) * m, n, m, BR, BC)
+        tl.debug_barrier()
+    a_last, b_last = A + (n_iters - 1) * n, B + n_iters * m
+    for i0 in range(0, n, BR):
+        rows = i0 + tl.arange(0, BR)
+        a = tl.load(a_last + rows, mask=rows < n, other=0.0)
+        for j0 in range(0, m, BC):
+            cols = j0 + tl.arange(0, BC)
+            ok = (rows[:, None] < n) & (cols[None, :] < m)
+            x = tl.load(X + rows[:, None] * m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            b = tl.load(b_last + cols, mask=cols < m, other=0.0)
+            tl.store(P + rows[:, None] * m + cols[None, :], tl.exp(x - a[:, None] - b[None, :]), mask=ok)
+
+
+@triton.jit
+def _weighted_sums(X, A, B_, G, OUT, n, m, BR: tl.constexpr, BC: tl.constexpr, ALONG_ROWS: tl.constexpr):
+    """Reductions of G-weighted iterates E = exp(X - A[i] - B_[j]), accumulated into OUT:
+    ALONG_ROWS: OUT[i] -= sum_j G[j] E[i, j]; else OUT[j] -= sum_i G[i] E[i, j]."""
+    if ALONG_ROWS:
+        for i0 in range(0, n, BR):
+            rows = i0 + tl.arange(0, BR)
+            a = tl.load(A + rows, mask=rows < n, other=0.0)
+            acc = tl.load(OUT + rows, mask=rows < n, other=0.0)
+            for j0 in range(0, m, BC):
+                cols = j0 + tl.arange(0, BC)
+                ok = (rows[:, None] < n) & (cols[None, :] < m)
+                x = tl.load(X + rows[:, None] * m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                b = tl.load(B_ + cols, mask=cols < m, other=0.0)
+                gj = tl.load(G + cols, mask=cols < m, other=0.0)
+                e = tl.where(ok, tl.exp(x - a[:, None] - b[None, :]), 0.0)
+                acc -= tl.sum(e * gj[None, :], axis=1)
+            tl.store(OUT + rows, acc, mask=rows < n)
+    else:
+        for j0 in range(0, m, BC):
+            cols = j0 + tl.arange(0, BC)
+            b = tl.load(B_ + cols, mask=cols < m, other=0.0)
+            acc = tl.load(OUT + cols, mask=cols < m, other=0.0)
+            for i0 in range(0, n, BR):
+                rows = i0 + tl.arange(0, BR)
+                ok = (rows[:, None] < n) & (cols[None, :] < m)
+                x = tl.load(X + rows[:, None] * m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                a = tl.load(A + rows, mask=rows < n, other=0.0)
+                gi = tl.load(G + rows, mask=rows < n, other=0.0)
+                e = tl.where(ok, tl.exp(x - a[:, None] - b[None, :]), 0.0)
+                acc -= tl.sum(e * gi[:, None], axis=0)
+            tl.store(OUT + cols, acc, mask=cols < m)
+
+
+@triton.jit
+def _sinkhorn_bwd(X, P, DP, DX, A, B, GA, GB, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr):
+    """GA, GB: zero-initialised gradients of the offsets, laid out as A and B."""
+    g = tl.program_id(0).to(tl.int64)
+    X += g * n * m
+    P += g * n * m
+    DP += g * n * m
+    DX += g * n * m
+    A += g * n_iters * n
+    GA += g * n_iters * n
+    B += g * (n_iters + 1) * m
+    GB += g * (n_iters + 1) * m
+    # P = exp(x - a_T - b_T): dP * P sends -rowsum to a_T and -colsum to b_T
+    _dp_p_sums(DP, P, GA + (n_iters - 1) * n, GB + n_iters * m, n, m, BR, BC)
+    tl.debug_barrier()
+    for s in range(n_iters):
+        t = n_iters - 1 - s
+        # column step: b_{t+1} = colLSE(x - a_{t+1}) sends -sum_j gb[j] C[i, j] to a_{t+1}
+        _weighted_sums(X, A + t * n, B + (t + 1) * m, GB + (t + 1) * m, GA + t * n, n, m, BR, BC, True)
+        tl.debug_barrier()
+        # row step: a_{t+1} = rowLSE(x - b_t) sends -sum_i ga[i] R[i, j] to b_t
+        _weighted_sums(X, A + t * n, B + t * m, GA + t * n, GB + t * m, n, m, BR, BC, False)
+        tl.debug_barrier()
+    # dx = dP * P + sum_t (gb_{t+1}[j] C_{t+1} + ga_{t+1}[i] R_{t+1})
+    for i0 in range(0, n, BR):
+        rows = i0 + tl.arange(0, BR)
+        for j0 in range(0, m, BC):
+            cols = j0 + tl.arange(0, BC)
+            ok = (rows[:, None] < n) & (cols[None, :] < m)
+            offs = rows[:, None] * m + cols[None, :]
+            x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+            dx = tl.load(DP + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(P + offs, mask=ok, other=0.0)
+            for t in range(n_iters):
+                a = tl.load(A + t * n + rows, mask=rows < n, other=0.0)
+                b_prev = tl.load(B + t * m + cols, mask=cols < m, other=0.0)
+                b = tl.load(B + (t + 1) * m + cols, mask=cols < m, other=0.0)
+                ga = tl.load(GA + t * n + rows, mask=rows < n, other=0.0)
+                gb = tl.load(GB + (t + 1) * m + cols, mask=cols < m, other=0.0)
+                dx += gb[None, :] * tl.exp(x - a[:, None] - b[None, :])
+                dx += ga[:, None] * tl.exp(x - a[:, None] - b_prev[None, :])
+            tl.store(DX + offs, dx, mask=ok)
+
+
+@triton.jit
+def _dp_p_sums(DP, P, GROW, GCOL, n, m, BR: tl.constexpr, BC: tl.constexpr):
+    """GROW[i] = -sum_j dP P, GCOL[j] = -sum_i dP P."""
+    for i0 in range(0, n, BR):
+        rows = i0 + tl.arange(0, BR)
+        acc = tl.zeros([BR], tl.float32)
+        for j0 in range(0, m, BC):
+            cols = j0 + tl.arange(0, BC)
+            ok = (rows[:, None] < n) & (cols[None, :] < m)
+            offs = rows[:, None] * m + cols[None, :]
+            acc += tl.sum(tl.load(DP + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(P + offs, mask=ok, other=0.0), axis=1)
+        tl.store(GROW + rows, -acc, mask=rows < n)
+    for j0 in range(0, m, BC):
+        cols = j0 + tl.arange(0, BC)
+        acc = tl.zeros([BC], tl.float32)
+        for i0 in range(0, n, BR):
+            rows = i0 + tl.arange(0, BR)
+            ok = (rows[:, None] < n) & (cols[None, :] < m)
+            offs = rows[:, None] * m + cols[None, :]
+            acc += tl.sum(tl.load(DP + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(P + offs, mask=ok, other=0.0), axis=0)
+        tl.store(GCOL + cols, -acc, mask=cols < m)
+
+
+def _tiles(n, m):
+    return min(64, triton.next_power_of_2(n)), min(128, triton.next_power_of_2(m))
+
+
+def forward(x, n_iters):
+    """x [G, n, m] contiguous, n_iters >= 1 -> (P fp32, row offsets [G, T, n], column offsets [G, T + 1, m])."""
+    G, n, m = x.shape
+    p = new_output(torch.empty(G, n, m, device=x.device, dtype=torch.float32))
+    a = new_output(torch.empty(G, n_iters, n, device=x.device, dtype=torch.float32))
+    b = torch.zeros(G, n_iters + 1, m, device=x.device, dtype=torch.float32)
+    BR, BC = _tiles(n, m)
+    _sinkhorn_fwd[(G,)](x, p, a, b, n, m, n_iters, BR=BR, BC=BC, num_warps=4)
+    return p, a, b
+
+
+def backward(dp, x, p, a, b):
+    G, n, m = x.shape
+    dx = new_output(torch.empty(G, n, m, device=x.device, dtype=torch.float32))
+    ga, gb = torch.zeros_like(a), torch.zeros_like(b)
+    BR, BC = _tiles(n, m)
+    _sinkhorn_bwd[(G,)](x, p, dp.contiguous(), dx, a, b, ga, gb, n, m, a.shape[1], BR=BR, BC=BC, num_warps=4)
+    return dx
+
+
+@torch.library.custom_op('sinkhorn_kernels::sinkhorn_fwd', mutates_args=())
+def sinkhorn_fwd(x: torch.Tensor, n_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return forward(x.contiguous(), n_iters)
+
+
+@sinkhorn_fwd.register_fake
+def _(x, n_iters):
+    G, n, m = x.shape
+    return (x.new_empty(G, n, m, dtype=torch.float32), x.new_empty(G, n_iters, n, dtype=torch.float32),
+            x.new_empty(G, n_iters + 1, m, dtype=torch.float32))
+
+
+@torch.library.custom_op('sinkhorn_kernels::sinkhorn_bwd', mutates_args=())
+def sinkhorn_bwd(dp: torch.Tensor, x: torch.Tensor, p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return backward(dp, x.contiguous(), p, a, b).to(x.dtype)
+
+
+@sinkhorn_bwd.register_fake
+def _(dp, x, p, a, b):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], *output)
+
+
+def _backward(ctx, dp, da, db):
+    x, p, a, b = ctx.saved_tensors
+    return sinkhorn_bwd(dp, x, p, a, b), None
+
+
+sinkhorn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sinkhorn_normalize(log_alpha, n_iters):
+    """[..., n, m] -> the exponent of the normalized matrix, in log_alpha's dtype (computed in fp32)."""
+    x = log_alpha.reshape(-1, *log_alpha.shape[-2:])
+    return sinkhorn_fwd(x, n_iters)[0].to(log_alpha.dtype).view(log_alpha.shape)

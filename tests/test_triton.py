@@ -1,0 +1,151 @@
+"""The Triton kernels against the reference, forward and every gradient. Without a GPU they run in Triton's
+interpreter (conftest sets TRITON_INTERPRET=1), at tiny shapes in fp32 and fp16 (its bf16 tl.dot is wrong).
+fp32 must agree with the fp64 reference to 1e-4 relative to the output scale; fp16 follows FlashAttention's rule:
+its error against fp64 is at most twice that of plain PyTorch computing in fp16."""
+import pytest
+import torch
+
+import sinkhorn_kernels as sk
+from sinkhorn_kernels import ops
+from sinkhorn_kernels.ops import outputs
+from naive import naive_block_attention
+from test_ops import CASES, block_case
+
+pytestmark = pytest.mark.skipif(not sk.available_backends()['triton'][0], reason='triton is not available')
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    monkeypatch.setattr(outputs, 'FILL', float('nan'))
+
+
+def errors(results, exact):
+    return [(r.double() - e).abs().max().item() for r, e in zip(results, exact)]
+
+
+def check(ours, exact, baseline, dtype, names):
+    """baseline: the same computation by plain PyTorch in `dtype` (only needed below fp32)."""
+    assert all(torch.isfinite(t).all() for t in ours), 'the kernel left NaN or inf in an output'
+    if dtype == torch.float32:
+        for name, err, e in zip(names, errors(ours, exact), exact):
+            assert err <= 1e-4 * max(1.0, e.abs().max().item()), f'{name}: error {err:.3g}'
+        return
+    for name, err, base in zip(names, errors(ours, exact), errors(baseline, exact)):
+        assert err <= 2 * base + 1e-6, f'{name}: error {err:.3g} > 2 x PyTorch fp16 error {base:.3g}'
+
+
+def plain_sinkhorn(x, n_iters):
+    """Sinkhorn in the input's precision, no upcast: the low-precision baseline."""
+    for _ in range(n_iters):
+        x = x - torch.logsumexp(x, dim=-1, keepdim=True)
+        x = x - torch.logsumexp(x, dim=-2, keepdim=True)
+    return x.exp()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('shape,n_iters', [((3, 5, 7), 4), ((2, 12, 12), 1), ((1, 130, 70), 3)])
+def test_sinkhorn_normalize(shape, n_iters, dtype):
+    x = torch.randn(shape, dtype=torch.float64)
+    dp = torch.randn(shape, dtype=torch.float64)
+
+    def run(fn, dt):
+        t = x.to(dt).clone().requires_grad_()
+        out = fn(t)
+        out.backward(dp.to(out.dtype))
+        return [out, t.grad]
+
+    exact = run(lambda t: ops.sinkhorn_normalize(t, n_iters, backend='reference'), torch.float64)
+    ours = run(lambda t: ops.sinkhorn_normalize(t, n_iters, backend='triton'), dtype)
+    check(ours, exact, run(lambda t: plain_sinkhorn(t, n_iters), dtype), dtype, ['p', 'dx'])
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('case', CASES)
+def test_block_attention(case, dtype):
+    (q, k, v, idx, w), kw = block_case(**CASES[case])
+    leaves = [q, k, v, w] + list(kw['null_kv'] or ())
+    dout = torch.randn_like(q)
+
+    def run(fn, dt):
+        ts = [t.detach().to(dt).requires_grad_() for t in leaves]
+        null = tuple(ts[4:]) or None
+        out = fn(*ts[:4], {**kw, 'null_kv': null})
+        out.backward(dout.to(out.dtype))
+        return [out] + [t.grad for t in ts]
+
+    exact = run(lambda q, k, v, w, kw_: ops.block_attention(q, k, v, idx, w, backend='reference', **kw_), torch.float64)
+    ours = run(lambda q, k, v, w, kw_: ops.block_attention(q, k, v, idx, w, backend='triton', **kw_), dtype)
+    baseline = run(lambda q, k, v, w, kw_: naive_block_attention(q, k, v, idx, w, **kw_), dtype)
+    check(ours, exact, baseline, dtype, ['out', 'dq', 'dk', 'dv', 'dw', 'dnull_k', 'dnull_v'])
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(causal=True, n_top_buckets=2), dict(causal=True, n_top_buckets=3),
+                                dict(n_sortcut=2), dict(non_permutative=False), dict(kv_bucket_size=8),
+                                dict(masked=True), dict(causal=True, masked=True)],
+                         ids=['plain', 'causal2', 'causal3', 'sortcut', 'sinkhorn', 'kv_bucket', 'mask', 'causal_mask'])
+def test_sinkhorn_attention(kw):
+    kw = dict(kw)
+    torch.manual_seed(1)
+    B, H, T, D = 2, 4, 64, 16
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    null = (torch.randn(H, D), torch.randn(H, D))
+    if kw.pop('masked', False):
+        mask = torch.rand(B, T) > 0.25
+        kw.update(q_mask=mask, kv_mask=mask)
+
+    def run(backend, dt):
+        ts = [t.to(dt).clone().requires_grad_() for t in (q, k, v, *null)]
+        out = ops.sinkhorn_attention(*ts[:3], bucket_size=16, null_kv=tuple(ts[3:]) if kw.get('causal') else None,
+                                     backend=backend, **kw)
+        out.square().sum().backward()
+        return [out] + [t.grad for t in ts if t.grad is not None]
+
+    check(run('triton', torch.float32), run('reference', torch.float64), None, torch.float32,
+          ['out', 'dq', 'dk', 'dv', 'dnull_k', 'dnull_v'])
+
+
+@pytest.mark.parametrize('kw', [dict(causal=True, n_local_attn_heads=1), dict(), dict(reversible=True, causal=True)])
+def test_model_trains_the_same_on_triton(kw):
+    model = sk.SinkhornTransformerLM(num_tokens=20, dim=32, depth=2, max_seq_len=64, heads=4, bucket_size=16, **kw)
+    x = torch.randint(0, 20, (2, 64))
+    grads = []
+    for backend in ('reference', 'triton'):
+        sk.set_backend(backend)
+        try:
+            model.zero_grad()
+            logits = model(x)
+            logits.square().mean().backward()
+            grads.append([logits] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        finally:
+            sk.set_backend(None)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_fullgraph_without_graph_breaks():
+    model = sk.SinkhornTransformerLM(num_tokens=20, dim=32, depth=1, max_seq_len=64, heads=4, bucket_size=16,
+                                     causal=True)
+    x = torch.randint(0, 20, (1, 64))
+    sk.set_backend('triton')
+    try:
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+        out = compiled(x)
+        out.square().mean().backward()
+    finally:
+        sk.set_backend(None)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_triton_rejects_what_it_does_not_support():
+    q = torch.randn(1, 2, 32, 8)
+    idx = torch.zeros(1, 2, 4, 1, dtype=torch.long)
+    w = torch.ones(1, 2, 4, 1)
+    with pytest.raises(ValueError, match='dropout'):
+        ops.block_attention(q, q, q, idx, w, bucket_size=8, dropout_p=0.1, backend='triton')
+    with pytest.raises(ValueError, match='float16, bfloat16, float32'):
+        ops.block_attention(q.double(), q.double(), q.double(), idx, w, bucket_size=8, backend='triton')
+    big = torch.randn(1, 1, 512, 8)
+    with pytest.raises(ValueError, match='up to 128'):
+        ops.block_attention(big, big, big, idx[:, :1, :2], w[:, :1, :2], bucket_size=256, backend='triton')
