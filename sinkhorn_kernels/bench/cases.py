@@ -27,6 +27,8 @@ def implementations(op, device):
     extra = ['reference'] if has_reference() else []
     if op == 'sinkhorn_attention':
         extra.append('sdpa')
+        if device == 'cuda':
+            extra.append('flex')
     return ours + extra
 
 
@@ -62,6 +64,9 @@ def build(op, impl, cfg, device, dtype):
             fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             return fn, [q, k, v], 4 * B * H * T * T * D // (2 if causal else 1), io
         keys = attention_keys_per_query(cfg)
+        if impl == 'flex':
+            fn = flex_with_routes(q, k, v, bucket, cfg['n_top'], causal)
+            return fn, [q, k, v], 4 * B * H * T * keys * D, io
         flops = 4 * B * H * T * keys * D
         io += 2 * B * H * T * cfg['n_top'] * D * elem  # routed key/value blocks read once more per route
         if impl == 'reference':
@@ -95,6 +100,34 @@ def build(op, impl, cfg, device, dtype):
         flops = depth * 4 * B * H * T * attention_keys_per_query(cfg) * D + 2 * B * T * params
         return _with_backend(impl, loss), list(model.parameters()), flops, 2 * params * elem
     raise ValueError(f'unknown op {op!r}; choose from {OPS}')
+
+
+def flex_with_routes(q, k, v, bucket, n_top, causal):
+    """FlexAttention with the block mask of Sinkhorn attention: the own bucket plus n_top routed buckets per query
+    bucket (earlier ones when causal, with the causal mask inside the own bucket). The routes are random: the
+    sparsity pattern and the work are those of the real routing, not its values."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    B, H, T, _ = q.shape
+    n = T // bucket
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(B, H, n, n, generator=gen)
+    if causal:
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(), -1)  # earlier buckets only
+    routes = scores.topk(min(n_top, n - 1), dim=-1).indices
+    allowed = torch.zeros(B, H, n, n, dtype=torch.bool).scatter_(-1, routes, True)
+    if causal:
+        allowed &= torch.ones(n, n, dtype=torch.bool).tril(-1)  # the first buckets have fewer earlier ones
+    allowed = (allowed | torch.eye(n, dtype=torch.bool)).to(q.device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = allowed[b, h, q_idx // bucket, kv_idx // bucket]
+        if causal:
+            ok = ok & ((q_idx // bucket != kv_idx // bucket) | (kv_idx <= q_idx))
+        return ok
+
+    block_mask = create_block_mask(mask_mod, B, H, T, T, device=q.device, BLOCK_SIZE=max(128, bucket))
+    compiled = torch.compile(flex_attention)
+    return lambda: compiled(q, k, v, block_mask=block_mask)
 
 
 def _module(impl, name):

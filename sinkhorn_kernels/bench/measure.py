@@ -47,7 +47,7 @@ def _percentile(xs, q):
 
 
 def measure(op, impl, cfg, device, dtype, warmup, repeats):
-    """One row per mode: ms_median, ms_p20, ms_p80, peak_mem_mb, tflops, gbps."""
+    """One row per mode: ms_median, ms_p20, ms_p80, peak_mem_mb, tflops, gbps, tokens_per_s."""
     dtype = getattr(torch, dtype)
     fn, leaves, flops_fwd, io_fwd = build(op, impl, cfg, device, dtype)
     timer = _timer(device)
@@ -75,7 +75,7 @@ def measure(op, impl, cfg, device, dtype, warmup, repeats):
         # FlashAttention's convention: backward counts 2.5 times the forward's FLOPs
         rows.append(dict(mode=mode, ms_median=ms, ms_p20=_percentile(times, 0.2), ms_p80=_percentile(times, 0.8),
                          peak_mem_mb=peak, tflops=flop_factor * flops_fwd / ms / 1e9,
-                         gbps=io_factor * io_fwd / ms / 1e6))
+                         gbps=io_factor * io_fwd / ms / 1e6, tokens_per_s=cfg['batch'] * cfg['seq_len'] / ms * 1e3))
     return rows
 
 

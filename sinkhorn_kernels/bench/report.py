@@ -4,7 +4,7 @@ import os
 from collections import defaultdict
 
 COLUMNS = ['impl', 'op', 'mode', 'causal', 'seq_len', 'batch', 'heads', 'dim_head', 'dtype', 'device', 'ms_median',
-           'ms_p20', 'ms_p80', 'peak_mem_mb', 'tflops', 'gbps']
+           'ms_p20', 'ms_p80', 'peak_mem_mb', 'tflops', 'gbps', 'tokens_per_s']
 
 
 def append_csv(path, rows):

@@ -1,0 +1,1 @@
+"""Training the built-in tasks: `python -m sinkhorn_kernels.train --help`."""
