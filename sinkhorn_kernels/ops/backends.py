@@ -21,7 +21,13 @@ def triton_interpreted():
 @functools.cache
 def _unavailable_reasons():
     """Backend name -> why it cannot run here (absent when it can)."""
-    reasons = {'cuda': 'the CUDA C++ extension sinkhorn_kernels._C is not implemented yet in this release'}
+    from .cuda_extension import load
+    reasons = {}
+    if load() is None:
+        reasons['cuda'] = ('the CUDA extension sinkhorn_kernels._C is not built: install the package where nvcc is '
+                           'available (see the README, "Building wheels")')
+    elif not torch.cuda.is_available():
+        reasons['cuda'] = 'the CUDA extension is built but there is no CUDA device'
     if importlib.util.find_spec('triton') is None:
         reasons['triton'] = 'triton is not installed (pip install triton)'
     elif not torch.cuda.is_available() and not triton_interpreted():
@@ -59,4 +65,6 @@ def resolve_backend(backend, device):
     if name == 'triton' and device.type != 'cuda' and not triton_interpreted():
         raise ValueError(f'backend \'triton\' got {device.type} tensors: the kernels run on CUDA tensors, or on CPU '
                          'tensors with TRITON_INTERPRET=1 set before importing sinkhorn_kernels')
+    if name == 'cuda' and device.type != 'cuda':
+        raise ValueError(f'backend \'cuda\' got {device.type} tensors; move them to a CUDA device')
     return name

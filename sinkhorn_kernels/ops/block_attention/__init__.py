@@ -57,9 +57,9 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
         idx, w = torch.cat((idx, own), dim=-1), torch.cat((w, torch.ones_like(w[..., :1])), dim=-1)
     qm, km = _head_mask(q_mask, B, H, Tq, 'q_mask'), _head_mask(kv_mask, B, H, Tk, 'kv_mask')
     n_rotated_heads = n_rotated_heads if causal else 0
-    if name == 'triton':
-        return _triton(q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_size, causal, n_rotated_heads,
-                       scale, dropout_p)
+    if name != 'reference':
+        return _fused(name, q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_size, causal, n_rotated_heads,
+                      scale, dropout_p)
 
     # the reference computes half precision in fp32: it is the ground truth the kernels are held to
     dtype = q.dtype
@@ -75,27 +75,27 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
     return out.to(dtype)
 
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_BLOCK = 128
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FUSED_MAX_BLOCK = 128
 
 
-def _triton(q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_size, causal, n_rotated_heads, scale,
-            dropout_p):
-    from . import triton
+def _fused(backend, q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_size, causal, n_rotated_heads, scale,
+           dropout_p):
+    from . import fused
     B, H, _, D = q.shape
-    require(q.dtype in TRITON_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype,
-            f'the triton backend takes q, k, v of one dtype among float16, bfloat16, float32; got {q.dtype}, '
+    require(q.dtype in FUSED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype,
+            f'the {backend} backend takes q, k, v of one dtype among float16, bfloat16, float32; got {q.dtype}, '
             f'{k.dtype}, {v.dtype}')
-    require(max(bucket_size, kv_bucket_size, D) <= TRITON_MAX_BLOCK,
-            f'the triton backend supports bucket sizes and dim_head up to {TRITON_MAX_BLOCK}; got bucket '
+    require(max(bucket_size, kv_bucket_size, D) <= FUSED_MAX_BLOCK,
+            f'the {backend} backend supports bucket sizes and dim_head up to {FUSED_MAX_BLOCK}; got bucket '
             f'{bucket_size}, kv bucket {kv_bucket_size}, dim_head {D}; use backend=\'reference\'')
-    require(dropout_p == 0, 'attention dropout is not implemented in the triton backend yet; pass dropout_p=0 '
+    require(dropout_p == 0, f'attention dropout is not implemented in the {backend} backend yet; pass dropout_p=0 '
                             "(attn_dropout=0) or use backend='reference'")
     null_k, null_v = (None, None) if null_kv is None else (t.reshape(H, D).to(q.dtype).contiguous() for t in null_kv)
     expand = lambda m: None if m is None else m.expand(B, H, -1)
-    out, _ = triton.block_attention_fwd(q, k, v, idx.to(torch.int32).contiguous(), w.float().contiguous(), null_k,
-                                        null_v, expand(qm), expand(km), bucket_size, kv_bucket_size, causal,
-                                        n_rotated_heads, scale)
+    out, _ = fused.block_attention_fwd(q, k, v, idx.to(torch.int32).contiguous(), w.float().contiguous(), null_k,
+                                       null_v, expand(qm), expand(km), bucket_size, kv_bucket_size, causal,
+                                       n_rotated_heads, scale, backend)
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..outputs import new_output
+from .routes import BackwardBuffers, new_attention_output
 
 
 @triton.jit
@@ -225,8 +225,7 @@ def _strides(*tensors):
 def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale):
     """-> (out [B, H, Tq, D] stored as [B, Tq, H, D], lse [B, H, Tq] fp32)."""
     L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale)
-    out = new_output(q.new_empty(L.B, q.shape[2], L.H, L.D).transpose(1, 2))
-    lse = new_output(torch.empty(L.B, L.H, q.shape[2], device=q.device, dtype=torch.float32))
+    out, lse = new_attention_output(q)
     null_k = null_k if null_k is not None else q
     null_v = null_v if null_v is not None else q
     _fwd[(L.Nq, L.B * L.H)](q, k, v, out, lse, idx, w, null_k, null_v, *L.masks(idx),
@@ -234,94 +233,19 @@ def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n
     return out, lse
 
 
-def reverse_index(idx, Nk):
-    """For every (batch x head, key block n in 0..Nk): the flat route numbers u * R + j that read block n,
-    as (readers [BH, Nq * R] sorted by block, start [BH, Nk + 1], count [BH, Nk + 1])."""
-    BH = idx.shape[0] * idx.shape[1]
-    flat = idx.reshape(BH, -1).long()
-    target = torch.where(flat < 0, Nk + 1, flat)  # routes to no block sort last and are never read
-    order = torch.argsort(target * flat.shape[1] + torch.arange(flat.shape[1], device=idx.device), dim=1)
-    count = torch.zeros(BH, Nk + 2, dtype=torch.int64, device=idx.device).scatter_add_(1, target, torch.ones_like(target))
-    start = count.cumsum(dim=1) - count
-    as_i32 = lambda t: t[:, :Nk + 1].to(torch.int32).contiguous()
-    return order.to(torch.int32).contiguous(), as_i32(start), as_i32(count)
-
-
 def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads,
              scale):
     """-> (dq, dk, dv, dw [B, H, Nq, R] fp32, dnull_k [B, H, D] fp32 or None, dnull_v)."""
     L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale)
-    delta = (dout.float() * out.float()).sum(-1).contiguous()
-    dq = new_output(torch.empty_like(q))
-    dk, dv = new_output(torch.empty_like(k)), new_output(torch.empty_like(v))
-    dw = new_output(torch.empty(idx.shape, device=q.device, dtype=torch.float32))
+    buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs)
     has_null = null_k is not None
-    dnk = new_output(torch.empty(L.B, L.H, L.D, device=q.device, dtype=torch.float32)) if has_null else None
-    dnv = new_output(torch.empty_like(dnk)) if has_null else None
     nk, nv = (null_k, null_v) if has_null else (q, q)
     masks = L.masks(idx)
-    _bwd_dq[(L.Nq, L.B * L.H)](q, k, v, dout, dq, dw, lse, delta, idx, w, nk, nv, *masks,
-                               *_strides(q, k, v, dout, dq), *L.mask_strides, *L.sizes, **L.meta)
-    readers, start, count = reverse_index(idx, L.Nk)
+    _bwd_dq[(L.Nq, L.B * L.H)](q, k, v, dout, buf.dq, buf.dw, lse, buf.delta, idx, w, nk, nv, *masks,
+                               *_strides(q, k, v, dout, buf.dq), *L.mask_strides, *L.sizes, **L.meta)
     _bwd_dkv[(L.Nk + (1 if has_null else 0), L.B * L.H)](
-        q, k, v, dout, dk, dv, dnk if has_null else dq, dnv if has_null else dq, lse, delta, idx, w, nk, nv, *masks,
-        readers, start, count, *_strides(q, k, v, dout, dk, dv), *L.mask_strides, *L.sizes, **L.meta)
-    return dq, dk, dv, dw, dnk, dnv
+        q, k, v, dout, buf.dk, buf.dv, buf.dnull_k if has_null else buf.dq, buf.dnull_v if has_null else buf.dq, lse,
+        buf.delta, idx, w, nk, nv, *masks, buf.readers, buf.start, buf.count, *_strides(q, k, v, dout, buf.dk, buf.dv),
+        *L.mask_strides, *L.sizes, **L.meta)
+    return buf.grads()
 
-
-@torch.library.custom_op('sinkhorn_kernels::block_attention_fwd', mutates_args=())
-def block_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-                        null_k: torch.Tensor | None, null_v: torch.Tensor | None, q_mask: torch.Tensor | None,
-                        kv_mask: torch.Tensor | None, bucket_size: int, kv_bucket_size: int, causal: bool,
-                        n_rotated_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size, causal,
-                   n_rotated_heads, scale)
-
-
-@block_attention_fwd.register_fake
-def _(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size, causal, n_rotated_heads,
-      scale):
-    B, H, T, D = q.shape
-    return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
-
-
-@torch.library.custom_op('sinkhorn_kernels::block_attention_bwd', mutates_args=())
-def block_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                        lse: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, null_k: torch.Tensor | None,
-                        null_v: torch.Tensor | None, q_mask: torch.Tensor | None, kv_mask: torch.Tensor | None,
-                        bucket_size: int, kv_bucket_size: int, causal: bool, n_rotated_heads: int, scale: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dw, dnk, dnv = backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size,
-                                       kv_bucket_size, causal, n_rotated_heads, scale)
-    if dnk is None:  # custom ops return tensors only: empty null gradients
-        dnk, dnv = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv, dw, dnk, dnv
-
-
-@block_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size, causal,
-      n_rotated_heads, scale):
-    B, H, _, D = q.shape
-    null_shape = (B, H, D) if null_k is not None else (0,)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w),
-            q.new_empty(null_shape, dtype=torch.float32), q.new_empty(null_shape, dtype=torch.float32))
-
-
-_STATIC = ('bucket_size', 'kv_bucket_size', 'causal', 'n_rotated_heads', 'scale')
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *static = inputs
-    ctx.save_for_backward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *output)
-    ctx.static = static
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, dw, dnk, dnv = block_attention_bwd(dout.contiguous(), q, k, v, out, lse, idx, w, null_k, null_v,
-                                                   q_mask, kv_mask, *ctx.static)
-    null_grads = (dnk.sum(0).to(null_k.dtype), dnv.sum(0).to(null_v.dtype)) if null_k is not None else (None, None)
-    return (dq, dk, dv, None, dw, *null_grads, None, None) + (None,) * len(_STATIC)
-
-
-block_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

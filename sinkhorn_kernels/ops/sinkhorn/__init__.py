@@ -13,9 +13,13 @@ def sinkhorn_normalize(log_alpha, n_iters, backend=None):
         raise ValueError(f'sinkhorn_normalize expects [..., n, m] scores, got shape {tuple(log_alpha.shape)}')
     if n_iters < 0:
         raise ValueError(f'n_iters must be >= 0, got {n_iters}')
-    if resolve_backend(backend, log_alpha.device) == 'triton' and n_iters > 0:
-        from . import triton
-        return triton.sinkhorn_normalize(log_alpha, n_iters)
+    name = resolve_backend(backend, log_alpha.device)
+    if name != 'reference' and n_iters > 0:
+        if log_alpha.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f'the {name} backend takes float16, bfloat16 or float32 scores, got {log_alpha.dtype}; '
+                             "use backend='reference'")
+        from . import fused
+        return fused.sinkhorn_normalize(log_alpha, n_iters, name)
     return reference.sinkhorn_normalize(log_alpha, n_iters)
 
 

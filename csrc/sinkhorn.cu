@@ -1,0 +1,140 @@
+// Sinkhorn normalization, one thread block per matrix, all iterations in one launch. An iterate is
+// x - a_t[i] - b_t[j] for the row and column log-sum-exp offsets, so only those vectors are iterated (the same
+// scheme as the Triton kernel); backward rebuilds each iterate from x and the vectors.
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include "dtypes.cuh"
+#include "kernels.h"
+
+namespace sinkhorn_kernels {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void sinkhorn_forward_kernel(const T* __restrict__ x, float* __restrict__ p, float* __restrict__ A,
+                                        float* __restrict__ Bv, int64_t n, int64_t m, int64_t iters) {
+  const int64_t g = blockIdx.x;
+  x += g * n * m;
+  p += g * n * m;
+  A += g * iters * n;
+  Bv += g * (iters + 1) * m;
+  for (int64_t t = 0; t < iters; ++t) {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {  // a_{t+1}[i] = logsumexp_j (x[i, j] - b_t[j])
+      float run_max = -CUDART_INF_F, run_sum = 0.f;
+      for (int64_t j = 0; j < m; ++j) {
+        const float z = to_float(x[i * m + j]) - Bv[t * m + j];
+        const float new_max = fmaxf(run_max, z);
+        run_sum = run_sum * __expf(run_max - new_max) + __expf(z - new_max);
+        run_max = new_max;
+      }
+      A[t * n + i] = run_max + __logf(run_sum);
+    }
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {  // b_{t+1}[j] = logsumexp_i (x[i, j] - a_{t+1}[i])
+      float run_max = -CUDART_INF_F, run_sum = 0.f;
+      for (int64_t i = 0; i < n; ++i) {
+        const float z = to_float(x[i * m + j]) - A[t * n + i];
+        const float new_max = fmaxf(run_max, z);
+        run_sum = run_sum * __expf(run_max - new_max) + __expf(z - new_max);
+        run_max = new_max;
+      }
+      Bv[(t + 1) * m + j] = run_max + __logf(run_sum);
+    }
+    __syncthreads();
+  }
+  const float* a = A + (iters - 1) * n;
+  const float* b = Bv + iters * m;
+  for (int64_t e = threadIdx.x; e < n * m; e += blockDim.x) {
+    p[e] = __expf(to_float(x[e]) - a[e / m] - b[e % m]);
+  }
+}
+
+template <typename T>
+__global__ void sinkhorn_backward_kernel(const T* __restrict__ x, const float* __restrict__ p,
+                                         const float* __restrict__ dp, float* __restrict__ dx,
+                                         const float* __restrict__ A, const float* __restrict__ Bv,
+                                         float* __restrict__ GA, float* __restrict__ GB, int64_t n, int64_t m,
+                                         int64_t iters) {
+  const int64_t g = blockIdx.x;
+  x += g * n * m;
+  p += g * n * m;
+  dp += g * n * m;
+  dx += g * n * m;
+  A += g * iters * n;
+  GA += g * iters * n;
+  Bv += g * (iters + 1) * m;
+  GB += g * (iters + 1) * m;
+  // P = exp(x - a_T - b_T): dP * P sends -rowsum to a_T and -colsum to b_T
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < m; ++j) acc += dp[i * m + j] * p[i * m + j];
+    GA[(iters - 1) * n + i] = -acc;
+  }
+  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < n; ++i) acc += dp[i * m + j] * p[i * m + j];
+    GB[iters * m + j] = -acc;
+  }
+  __syncthreads();
+  for (int64_t t = iters - 1; t >= 0; --t) {
+    // column step: b_{t+1} = colLSE(x - a_{t+1}) sends -sum_j gb[j] C[i, j] to a_{t+1}
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < m; ++j)
+        acc += GB[(t + 1) * m + j] * __expf(to_float(x[i * m + j]) - A[t * n + i] - Bv[(t + 1) * m + j]);
+      GA[t * n + i] -= acc;
+    }
+    __syncthreads();
+    // row step: a_{t+1} = rowLSE(x - b_t) sends -sum_i ga[i] R[i, j] to b_t
+    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < n; ++i)
+        acc += GA[t * n + i] * __expf(to_float(x[i * m + j]) - A[t * n + i] - Bv[t * m + j]);
+      GB[t * m + j] -= acc;
+    }
+    __syncthreads();
+  }
+  for (int64_t e = threadIdx.x; e < n * m; e += blockDim.x) {
+    const int64_t i = e / m, j = e % m;
+    const float xe = to_float(x[e]);
+    float acc = dp[e] * p[e];
+    for (int64_t t = 0; t < iters; ++t) {
+      acc += GB[(t + 1) * m + j] * __expf(xe - A[t * n + i] - Bv[(t + 1) * m + j]);
+      acc += GA[t * n + i] * __expf(xe - A[t * n + i] - Bv[t * m + j]);
+    }
+    dx[e] = acc;
+  }
+}
+
+}  // namespace
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+void sinkhorn_forward(const void* x, float* p, float* a, float* b, int64_t G, int64_t n, int64_t m, int64_t n_iters,
+                      int dtype, uintptr_t stream) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    sinkhorn_forward_kernel<T><<<G, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(x), p, a, b, n, m, n_iters);
+  });
+  check_launch("sinkhorn_forward");
+}
+
+void sinkhorn_backward(const void* x, const float* p, const float* dp, float* dx, const float* a, const float* b,
+                       float* ga, float* gb, int64_t G, int64_t n, int64_t m, int64_t n_iters, int dtype,
+                       uintptr_t stream) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    sinkhorn_backward_kernel<T><<<G, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(x), p, dp, dx, a, b, ga, gb, n, m, n_iters);
+  });
+  check_launch("sinkhorn_backward");
+}
+
+}  // namespace sinkhorn_kernels

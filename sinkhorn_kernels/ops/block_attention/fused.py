@@ -1,0 +1,69 @@
+"""The fused block attention as torch.library custom ops (fake implementations for torch.compile, autograd),
+one pair for every fused backend: `backend` names the module that launches the kernels ('triton' or 'cuda')."""
+import importlib
+
+import torch
+
+
+def kernels(backend):
+    return importlib.import_module(f'{__package__}.{backend}')
+
+
+@torch.library.custom_op('sinkhorn_kernels::block_attention_fwd', mutates_args=())
+def block_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                        null_k: torch.Tensor | None, null_v: torch.Tensor | None, q_mask: torch.Tensor | None,
+                        kv_mask: torch.Tensor | None, bucket_size: int, kv_bucket_size: int, causal: bool,
+                        n_rotated_heads: int, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels(backend).forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size,
+                                    causal, n_rotated_heads, scale)
+
+
+@block_attention_fwd.register_fake
+def _(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size, causal, n_rotated_heads,
+      scale, backend):
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op('sinkhorn_kernels::block_attention_bwd', mutates_args=())
+def block_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, null_k: torch.Tensor | None,
+                        null_v: torch.Tensor | None, q_mask: torch.Tensor | None, kv_mask: torch.Tensor | None,
+                        bucket_size: int, kv_bucket_size: int, causal: bool, n_rotated_heads: int, scale: float,
+                        backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dw, dnk, dnv = kernels(backend).backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
+                                                         kv_mask, bucket_size, kv_bucket_size, causal,
+                                                         n_rotated_heads, scale)
+    if dnk is None:  # custom ops return tensors only: empty null gradients
+        dnk, dnv = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dw, dnk, dnv
+
+
+@block_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size, causal,
+      n_rotated_heads, scale, backend):
+    B, H, _, D = q.shape
+    null_shape = (B, H, D) if null_k is not None else (0,)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w),
+            q.new_empty(null_shape, dtype=torch.float32), q.new_empty(null_shape, dtype=torch.float32))
+
+
+_STATIC = ('bucket_size', 'kv_bucket_size', 'causal', 'n_rotated_heads', 'scale', 'backend')
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *static = inputs
+    ctx.save_for_backward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *output)
+    ctx.static = static
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, dw, dnk, dnv = block_attention_bwd(dout.contiguous(), q, k, v, out, lse, idx, w, null_k, null_v,
+                                                   q_mask, kv_mask, *ctx.static)
+    null_grads = (dnk.sum(0).to(null_k.dtype), dnv.sum(0).to(null_v.dtype)) if null_k is not None else (None, None)
+    return (dq, dk, dv, None, dw, *null_grads, None, None) + (None,) * len(_STATIC)
+
+
+block_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,43 @@
+"""Route bookkeeping and backward buffers shared by the fused backends."""
+import torch
+
+from ..outputs import new_output
+
+
+def reverse_index(idx, Nk):
+    """For every (batch x head, key block n in 0..Nk): the flat route numbers u * R + j that read block n,
+    as (readers [BH, Nq * R] sorted by block, start [BH, Nk + 1], count [BH, Nk + 1])."""
+    BH = idx.shape[0] * idx.shape[1]
+    flat = idx.reshape(BH, -1).long()
+    target = torch.where(flat < 0, Nk + 1, flat)  # routes to no block sort last and are never read
+    order = torch.argsort(target * flat.shape[1] + torch.arange(flat.shape[1], device=idx.device), dim=1)
+    count = torch.zeros(BH, Nk + 2, dtype=torch.int64, device=idx.device).scatter_add_(1, target, torch.ones_like(target))
+    start = count.cumsum(dim=1) - count
+    as_i32 = lambda t: t[:, :Nk + 1].to(torch.int32).contiguous()
+    return order.to(torch.int32).contiguous(), as_i32(start), as_i32(count)
+
+
+class BackwardBuffers:
+    """What both fused backward passes need: delta = rowsum(dout * out), the reverse index, and the gradients
+    to fill (dq, dk, dv like their inputs; dw fp32 like the routes; dnull_k / dnull_v fp32 [B, H, D] or None)."""
+
+    def __init__(self, dout, q, k, v, out, idx, null_k, kv_bucket_size):
+        B, H, _, D = q.shape
+        self.delta = (dout.float() * out.float()).sum(-1).contiguous()
+        self.readers, self.start, self.count = reverse_index(idx, k.shape[2] // kv_bucket_size)
+        self.dq = new_output(torch.empty_like(q))
+        self.dk, self.dv = new_output(torch.empty_like(k)), new_output(torch.empty_like(v))
+        self.dw = new_output(torch.empty(idx.shape, device=q.device, dtype=torch.float32))
+        null = null_k is not None
+        self.dnull_k = new_output(torch.empty(B, H, D, device=q.device, dtype=torch.float32)) if null else None
+        self.dnull_v = new_output(torch.empty(B, H, D, device=q.device, dtype=torch.float32)) if null else None
+
+    def grads(self):
+        return self.dq, self.dk, self.dv, self.dw, self.dnull_k, self.dnull_v
+
+
+def new_attention_output(q):
+    """out [B, H, T, D] stored as [B, T, H, D] (what the projections give), and lse fp32 [B, H, T]."""
+    B, H, T, D = q.shape
+    out = new_output(q.new_empty(B, T, H, D).transpose(1, 2))
+    return out, new_output(torch.empty(B, H, T, device=q.device, dtype=torch.float32))
