@@ -85,6 +85,26 @@ __device__ void load_key_tile(const BlockAttentionArgs& a, int64_t b, int64_t h,
   }
 }
 
+// Walks the routes of query bucket u and their key tiles (staged in ks / vs): on_key(w, key row, value row) for
+// every key that row `row` may see, after_route(j) once per route on every thread (it may synchronize).
+template <typename T, typename OnKey, typename AfterRoute>
+__device__ void visit_routes(const BlockAttentionArgs& a, int64_t b, int64_t h, int64_t u, int64_t row,
+                             float (*ks)[kMaxD], float (*vs)[kMaxD], OnKey on_key, AfterRoute after_route) {
+  const int64_t route = ((b * a.H + h) * a.Nq + u) * a.R;
+  for (int64_t j = 0; j < a.R; ++j) {
+    const int64_t blk = a.idx[route + j];
+    const float w = a.w[route + j];
+    for (int64_t c0 = 0; c0 < a.kv_bucket_size; c0 += kTile) {
+      __syncthreads();
+      load_key_tile<T>(a, b, h, blk, c0, ks, vs);
+      __syncthreads();
+      for (int64_t cc = 0; cc < kTile && c0 + cc < a.kv_bucket_size; ++cc)
+        if (allowed(a, b, h, u, j, blk, row, c0 + cc)) on_key(w, ks[cc], vs[cc]);
+    }
+    after_route(route + j);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(BlockAttentionArgs a, T* out, Strides4 os, float* lse) {
   __shared__ float ks[kTile][kMaxD], vs[kTile][kMaxD];
@@ -97,26 +117,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(BlockAttentionArgs a,
     acc[d] = 0.f;
   }
   float run_max = -CUDART_INF_F, run_sum = 0.f;
-  const int64_t route = (bh * a.Nq + u) * a.R;
-  for (int64_t j = 0; j < a.R; ++j) {
-    const int64_t blk = a.idx[route + j];
-    const float w = a.w[route + j];
-    for (int64_t c0 = 0; c0 < a.kv_bucket_size; c0 += kTile) {
-      __syncthreads();
-      load_key_tile<T>(a, b, h, blk, c0, ks, vs);
-      __syncthreads();
-      if (!active) continue;
-      for (int64_t cc = 0; cc < kTile && c0 + cc < a.kv_bucket_size; ++cc) {
-        if (!allowed(a, b, h, u, j, blk, row, c0 + cc)) continue;
-        const float s = dot(q, ks[cc], D) * a.scale * w;
-        const float new_max = fmaxf(run_max, s);
-        const float correction = __expf(run_max - new_max), pe = __expf(s - new_max);
-        run_sum = run_sum * correction + pe;
-        for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * correction + pe * w * vs[cc][d];
-        run_max = new_max;
-      }
-    }
-  }
+  visit_routes<T>(a, b, h, u, row, ks, vs, [&](float w, const float* kr, const float* vr) {
+    const float s = dot(q, kr, D) * a.scale * w;
+    const float new_max = fmaxf(run_max, s);
+    const float correction = __expf(run_max - new_max), pe = __expf(s - new_max);
+    run_sum = run_sum * correction + pe;
+    for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * correction + pe * w * vr[d];
+    run_max = new_max;
+  }, [](int64_t) {});
   if (!active) return;
   const int64_t t = u * a.bucket_size + row;
   for (int64_t d = 0; d < D; ++d) out[offset(os.s, b, h, t, d)] = from_float<T>(run_sum > 0.f ? acc[d] / run_sum : 0.f);
@@ -141,30 +149,20 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(BlockAttentionArgs a, cons
   }
   const float row_lse = active ? lse[bh * a.Nq * a.bucket_size + t] : CUDART_INF_F;
   const float row_delta = active ? delta[bh * a.Nq * a.bucket_size + t] : 0.f;
-  const int64_t route = (bh * a.Nq + u) * a.R;
-  for (int64_t j = 0; j < a.R; ++j) {
-    const int64_t blk = a.idx[route + j];
-    const float w = a.w[route + j];
-    float dw_part = 0.f;
-    for (int64_t c0 = 0; c0 < a.kv_bucket_size; c0 += kTile) {
-      __syncthreads();
-      load_key_tile<T>(a, b, h, blk, c0, ks, vs);
-      __syncthreads();
-      if (!active) continue;
-      for (int64_t cc = 0; cc < kTile && c0 + cc < a.kv_bucket_size; ++cc) {
-        if (!allowed(a, b, h, u, j, blk, row, c0 + cc)) continue;
-        const float s_raw = dot(q, ks[cc], D) * a.scale;
-        const float p = __expf(w * s_raw - row_lse);
-        const float dp_raw = dot(dO, vs[cc], D);  // dO . v before the route weight
-        const float ds = p * (w * dp_raw - row_delta);
-        for (int64_t d = 0; d < D; ++d) g[d] += ds * w * ks[cc][d];
-        // s = w * s_raw and the values are w * v: d/dw = ds * s_raw + p * (dO . v)
-        dw_part += ds * s_raw + p * dp_raw;
-      }
-    }
+  float dw_part = 0.f;
+  visit_routes<T>(a, b, h, u, row, ks, vs, [&](float w, const float* kr, const float* vr) {
+    const float s_raw = dot(q, kr, D) * a.scale;
+    const float p = __expf(w * s_raw - row_lse);
+    const float dp_raw = dot(dO, vr, D);  // dO . v before the route weight
+    const float ds = p * (w * dp_raw - row_delta);
+    for (int64_t d = 0; d < D; ++d) g[d] += ds * w * kr[d];
+    // s = w * s_raw and the values are w * v: d/dw = ds * s_raw + p * (dO . v)
+    dw_part += ds * s_raw + p * dp_raw;
+  }, [&](int64_t route) {
     const float total = block_sum(dw_part, scratch);
-    if (threadIdx.x == 0) dw[route + j] = total;
-  }
+    if (threadIdx.x == 0) dw[route] = total;
+    dw_part = 0.f;
+  });
   if (!active) return;
   for (int64_t d = 0; d < D; ++d) dq[offset(dqs.s, b, h, t, d)] = from_float<T>(g[d] * a.scale);
 }

@@ -13,6 +13,34 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// out[o] = logsumexp_i (x[o * s_out + i * s_in] - off[i]): row offsets with (s_out, s_in) = (m, 1), column offsets
+// with (1, m), the same reduction on the transposed matrix.
+template <typename T>
+__device__ void lse_along(const T* x, int64_t s_out, int64_t s_in, int64_t n_out, int64_t n_in, const float* off,
+                          float* out) {
+  for (int64_t o = threadIdx.x; o < n_out; o += blockDim.x) {
+    float run_max = -CUDART_INF_F, run_sum = 0.f;
+    for (int64_t i = 0; i < n_in; ++i) {
+      const float z = to_float(x[o * s_out + i * s_in]) - off[i];
+      const float new_max = fmaxf(run_max, z);
+      run_sum = run_sum * __expf(run_max - new_max) + __expf(z - new_max);
+      run_max = new_max;
+    }
+    out[o] = run_max + __logf(run_sum);
+  }
+}
+
+// out[o] -= sum_i g[i] exp(x[o * s_out + i * s_in] - own[o] - other[i]), along rows or (transposed) columns.
+template <typename T>
+__device__ void weighted_sums(const T* x, int64_t s_out, int64_t s_in, int64_t n_out, int64_t n_in, const float* own,
+                              const float* other, const float* g, float* out) {
+  for (int64_t o = threadIdx.x; o < n_out; o += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < n_in; ++i) acc += g[i] * __expf(to_float(x[o * s_out + i * s_in]) - own[o] - other[i]);
+    out[o] -= acc;
+  }
+}
+
 template <typename T>
 __global__ void sinkhorn_forward_kernel(const T* __restrict__ x, float* __restrict__ p, float* __restrict__ A,
                                         float* __restrict__ Bv, int64_t n, int64_t m, int64_t iters) {
@@ -22,27 +50,9 @@ __global__ void sinkhorn_forward_kernel(const T* __restrict__ x, float* __restri
   A += g * iters * n;
   Bv += g * (iters + 1) * m;
   for (int64_t t = 0; t < iters; ++t) {
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {  // a_{t+1}[i] = logsumexp_j (x[i, j] - b_t[j])
-      float run_max = -CUDART_INF_F, run_sum = 0.f;
-      for (int64_t j = 0; j < m; ++j) {
-        const float z = to_float(x[i * m + j]) - Bv[t * m + j];
-        const float new_max = fmaxf(run_max, z);
-        run_sum = run_sum * __expf(run_max - new_max) + __expf(z - new_max);
-        run_max = new_max;
-      }
-      A[t * n + i] = run_max + __logf(run_sum);
-    }
+    lse_along(x, m, 1, n, m, Bv + t * m, A + t * n);  // a_{t+1}[i] = logsumexp_j (x[i, j] - b_t[j])
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {  // b_{t+1}[j] = logsumexp_i (x[i, j] - a_{t+1}[i])
-      float run_max = -CUDART_INF_F, run_sum = 0.f;
-      for (int64_t i = 0; i < n; ++i) {
-        const float z = to_float(x[i * m + j]) - A[t * n + i];
-        const float new_max = fmaxf(run_max, z);
-        run_sum = run_sum * __expf(run_max - new_max) + __expf(z - new_max);
-        run_max = new_max;
-      }
-      Bv[(t + 1) * m + j] = run_max + __logf(run_sum);
-    }
+    lse_along(x, 1, m, m, n, A + t * n, Bv + (t + 1) * m);  // b_{t+1}[j] = logsumexp_i (x[i, j] - a_{t+1}[i])
     __syncthreads();
   }
   const float* a = A + (iters - 1) * n;
@@ -81,20 +91,10 @@ __global__ void sinkhorn_backward_kernel(const T* __restrict__ x, const float* _
   __syncthreads();
   for (int64_t t = iters - 1; t >= 0; --t) {
     // column step: b_{t+1} = colLSE(x - a_{t+1}) sends -sum_j gb[j] C[i, j] to a_{t+1}
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < m; ++j)
-        acc += GB[(t + 1) * m + j] * __expf(to_float(x[i * m + j]) - A[t * n + i] - Bv[(t + 1) * m + j]);
-      GA[t * n + i] -= acc;
-    }
+    weighted_sums(x, m, 1, n, m, A + t * n, Bv + (t + 1) * m, GB + (t + 1) * m, GA + t * n);
     __syncthreads();
     // row step: a_{t+1} = rowLSE(x - b_t) sends -sum_i ga[i] R[i, j] to b_t
-    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-      float acc = 0.f;
-      for (int64_t i = 0; i < n; ++i)
-        acc += GA[t * n + i] * __expf(to_float(x[i * m + j]) - A[t * n + i] - Bv[t * m + j]);
-      GB[t * m + j] -= acc;
-    }
+    weighted_sums(x, 1, m, m, n, Bv + t * m, A + t * n, GA + t * n, GB + t * m);
     __syncthreads();
   }
   for (int64_t e = threadIdx.x; e < n * m; e += blockDim.x) {

@@ -31,13 +31,13 @@ def test_backend_report_and_error_without_a_gpu():
 
 def test_report_names_a_missing_extension(monkeypatch):
     monkeypatch.setattr(cuda_extension, 'load', lambda: None)
-    backends._unavailable_reasons.cache_clear()
+    backends.refresh()
     try:
         ok, reason = sk.available_backends()['cuda']
         assert not ok and 'not built' in reason and 'nvcc' in reason
     finally:
         monkeypatch.undo()
-        backends._unavailable_reasons.cache_clear()
+        backends.refresh()
 
 
 @needs_nvcc

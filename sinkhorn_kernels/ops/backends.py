@@ -3,7 +3,6 @@
 Resolution order: the call's `backend=`, then `set_backend(...)`, then the environment variable
 SINKHORN_KERNELS_BACKEND, then automatic: Triton for CUDA tensors when it is installed, the reference otherwise.
 """
-import functools
 import importlib.util
 import os
 
@@ -18,8 +17,7 @@ def triton_interpreted():
     return os.environ.get('TRITON_INTERPRET') == '1'
 
 
-@functools.cache
-def _unavailable_reasons():
+def _find_unavailable():
     """Backend name -> why it cannot run here (absent when it can)."""
     from .cuda_extension import load
     reasons = {}
@@ -34,6 +32,20 @@ def _unavailable_reasons():
         reasons['triton'] = ('there is no CUDA device; to run the Triton kernels on CPU through the interpreter set '
                              'TRITON_INTERPRET=1 before importing sinkhorn_kernels')
     return reasons
+
+
+# computed once at import: torch.compile then reads a constant instead of tracing imports
+_unavailable = _find_unavailable()
+
+
+def _unavailable_reasons():
+    return _unavailable
+
+
+def refresh():
+    """Looks again for the backends (after building the extension in this process, or in tests)."""
+    global _unavailable
+    _unavailable = _find_unavailable()
 
 
 def available_backends():

@@ -56,6 +56,13 @@ def _load_block(X, NULL, blk, b, h, sxb, sxh, sxt, sxd, Nk, KBS, D, cols, dims, 
 
 
 @triton.jit
+def _bucket_rows(X, b, h, u, sxb, sxh, sxt, sxd, rows, dims, BS, D):
+    """Rows of query bucket u of a [B, H, T, D] tensor as [BLOCK_M, BLOCK_D] (zeros past the bucket and D)."""
+    return tl.load(X + b * sxb + h * sxh + (u * BS + rows)[:, None] * sxt + dims[None, :] * sxd,
+                   mask=(rows[:, None] < BS) & (dims[None, :] < D), other=0.0)
+
+
+@triton.jit
 def _fwd(Q, K, V, O, LSE, IDX, W, NK, NV, QM, KM,
          sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
          sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale,
@@ -68,8 +75,7 @@ def _fwd(Q, K, V, O, LSE, IDX, W, NK, NV, QM, KM,
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * sqb + h * sqh + (u * BS + rows)[:, None] * sqt + dims[None, :] * sqd,
-                mask=(rows[:, None] < BS) & (dims[None, :] < D), other=0.0)
+    q = _bucket_rows(Q, b, h, u, sqb, sqh, sqt, sqd, rows, dims, BS, D)
     run_max = tl.full([BLOCK_M], float('-inf'), tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -119,10 +125,8 @@ def _bwd_dq(Q, K, V, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = (rows[:, None] < BS) & (dims[None, :] < D)
-    q = tl.load(Q + b * sqb + h * sqh + (u * BS + rows)[:, None] * sqt + dims[None, :] * sqd, mask=row_ok, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + (u * BS + rows)[:, None] * sdot + dims[None, :] * sdod, mask=row_ok,
-                 other=0.0)
+    q = _bucket_rows(Q, b, h, u, sqb, sqh, sqt, sqd, rows, dims, BS, D)
+    do = _bucket_rows(DO, b, h, u, sdob, sdoh, sdot, sdod, rows, dims, BS, D)
     lse = tl.load(LSE + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=float('inf'))
     delta = tl.load(DELTA + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -141,7 +145,7 @@ def _bwd_dq(Q, K, V, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
         # s = w * s_raw and the values are w * v: d/dw = <ds, s_raw> + <p, dO v>
         tl.store(DW + route + j, tl.sum(tl.sum(ds * s_raw + p * dp_raw, axis=1), axis=0))
     tl.store(DQ + b * sdqb + h * sdqh + (u * BS + rows)[:, None] * sdqt + dims[None, :] * sdqd,
-             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok)
+             (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < BS) & (dims[None, :] < D))
 
 
 @triton.jit
@@ -163,15 +167,12 @@ def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, 
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     start = tl.load(START + bh * (Nk + 1) + n)
     count = tl.load(COUNT + bh * (Nk + 1) + n)
-    row_ok = (rows[:, None] < BS) & (dims[None, :] < D)
     for r in range(count):
         e = tl.load(READERS + bh * Nq * R + start + r)
         u, j = e // R, e % R
         w = tl.load(W + bh * Nq * R + e)
-        q = tl.load(Q + b * sqb + h * sqh + (u * BS + rows)[:, None] * sqt + dims[None, :] * sqd, mask=row_ok,
-                    other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + (u * BS + rows)[:, None] * sdot + dims[None, :] * sdod, mask=row_ok,
-                     other=0.0)
+        q = _bucket_rows(Q, b, h, u, sqb, sqh, sqt, sqd, rows, dims, BS, D)
+        do = _bucket_rows(DO, b, h, u, sdob, sdoh, sdot, sdod, rows, dims, BS, D)
         lse = tl.load(LSE + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=float('inf'))
         delta = tl.load(DELTA + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=0.0)
         ok = _allowed(rows, cols, u, j, n, h, b, QM, KM, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, BS, KBS,

@@ -13,41 +13,23 @@ from ..outputs import new_output
 
 
 @triton.jit
-def _row_lse(X, OFF, OUT, n, m, BR: tl.constexpr, BC: tl.constexpr):
-    """OUT[i] = logsumexp_j (X[i, j] - OFF[j])."""
-    for i0 in range(0, n, BR):
-        rows = i0 + tl.arange(0, BR)
-        run_max = tl.full([BR], float('-inf'), tl.float32)
-        run_sum = tl.zeros([BR], tl.float32)
-        for j0 in range(0, m, BC):
-            cols = j0 + tl.arange(0, BC)
-            ok = (rows[:, None] < n) & (cols[None, :] < m)
-            z = tl.load(X + rows[:, None] * m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            z -= tl.load(OFF + cols, mask=cols < m, other=0.0)[None, :]
+def _lse_along(X, s_out, s_in, n_out, n_in, OFF, OUT, BO: tl.constexpr, BI: tl.constexpr):
+    """OUT[o] = logsumexp_i (X[o * s_out + i * s_in] - OFF[i]): row offsets with (s_out, s_in) = (m, 1), column
+    offsets with (1, m), the same reduction on the transposed matrix."""
+    for o0 in range(0, n_out, BO):
+        outs = o0 + tl.arange(0, BO)
+        run_max = tl.full([BO], float('-inf'), tl.float32)
+        run_sum = tl.zeros([BO], tl.float32)
+        for i0 in range(0, n_in, BI):
+            ins = i0 + tl.arange(0, BI)
+            ok = (outs[:, None] < n_out) & (ins[None, :] < n_in)
+            z = tl.load(X + outs[:, None] * s_out + ins[None, :] * s_in, mask=ok, other=0.0).to(tl.float32)
+            z -= tl.load(OFF + ins, mask=ins < n_in, other=0.0)[None, :]
             z = tl.where(ok, z, float('-inf'))
             new_max = tl.maximum(run_max, tl.max(z, axis=1))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
             run_max = new_max
-        tl.store(OUT + rows, run_max + tl.log(run_sum), mask=rows < n)
-
-
-@triton.jit
-def _col_lse(X, OFF, OUT, n, m, BR: tl.constexpr, BC: tl.constexpr):
-    """OUT[j] = logsumexp_i (X[i, j] - OFF[i])."""
-    for j0 in range(0, m, BC):
-        cols = j0 + tl.arange(0, BC)
-        run_max = tl.full([BC], float('-inf'), tl.float32)
-        run_sum = tl.zeros([BC], tl.float32)
-        for i0 in range(0, n, BR):
-            rows = i0 + tl.arange(0, BR)
-            ok = (rows[:, None] < n) & (cols[None, :] < m)
-            z = tl.load(X + rows[:, None] * m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            z -= tl.load(OFF + rows, mask=rows < n, other=0.0)[:, None]
-            z = tl.where(ok, z, float('-inf'))
-            new_max = tl.maximum(run_max, tl.max(z, axis=0))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[None, :]), axis=0)
-            run_max = new_max
-        tl.store(OUT + cols, run_max + tl.log(run_sum), mask=cols < m)
+        tl.store(OUT + outs, run_max + tl.log(run_sum), mask=outs < n_out)
 
 
 @triton.jit
@@ -59,9 +41,9 @@ def _sinkhorn_fwd(X, P, A, B, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr)
     A += g * n_iters * n
     B += g * (n_iters + 1) * m
     for t in range(n_iters):
-        _row_lse(X, B + t * m, A + t * n, n, m, BR, BC)
+        _lse_along(X, m, 1, n, m, B + t * m, A + t * n, BR, BC)
         tl.debug_barrier()
-        _col_lse(X, A + t * n, B + (t + 1) * m, n, m, BR, BC)
+        _lse_along(X, 1, m, m, n, A + t * n, B + (t + 1) * m, BC, BR)
         tl.debug_barrier()
     a_last, b_last = A + (n_iters - 1) * n, B + n_iters * m
     for i0 in range(0, n, BR):
@@ -76,37 +58,22 @@ def _sinkhorn_fwd(X, P, A, B, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr)
 
 
 @triton.jit
-def _weighted_sums(X, A, B_, G, OUT, n, m, BR: tl.constexpr, BC: tl.constexpr, ALONG_ROWS: tl.constexpr):
-    """Reductions of G-weighted iterates E = exp(X - A[i] - B_[j]), accumulated into OUT:
-    ALONG_ROWS: OUT[i] -= sum_j G[j] E[i, j]; else OUT[j] -= sum_i G[i] E[i, j]."""
-    if ALONG_ROWS:
-        for i0 in range(0, n, BR):
-            rows = i0 + tl.arange(0, BR)
-            a = tl.load(A + rows, mask=rows < n, other=0.0)
-            acc = tl.load(OUT + rows, mask=rows < n, other=0.0)
-            for j0 in range(0, m, BC):
-                cols = j0 + tl.arange(0, BC)
-                ok = (rows[:, None] < n) & (cols[None, :] < m)
-                x = tl.load(X + rows[:, None] * m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                b = tl.load(B_ + cols, mask=cols < m, other=0.0)
-                gj = tl.load(G + cols, mask=cols < m, other=0.0)
-                e = tl.where(ok, tl.exp(x - a[:, None] - b[None, :]), 0.0)
-                acc -= tl.sum(e * gj[None, :], axis=1)
-            tl.store(OUT + rows, acc, mask=rows < n)
-    else:
-        for j0 in range(0, m, BC):
-            cols = j0 + tl.arange(0, BC)
-            b = tl.load(B_ + cols, mask=cols < m, other=0.0)
-            acc = tl.load(OUT + cols, mask=cols < m, other=0.0)
-            for i0 in range(0, n, BR):
-                rows = i0 + tl.arange(0, BR)
-                ok = (rows[:, None] < n) & (cols[None, :] < m)
-                x = tl.load(X + rows[:, None] * m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                a = tl.load(A + rows, mask=rows < n, other=0.0)
-                gi = tl.load(G + rows, mask=rows < n, other=0.0)
-                e = tl.where(ok, tl.exp(x - a[:, None] - b[None, :]), 0.0)
-                acc -= tl.sum(e * gi[:, None], axis=0)
-            tl.store(OUT + cols, acc, mask=cols < m)
+def _weighted_sums(X, s_out, s_in, n_out, n_in, OWN, OTHER, G, OUT, BO: tl.constexpr, BI: tl.constexpr):
+    """OUT[o] -= sum_i G[i] exp(X[o * s_out + i * s_in] - OWN[o] - OTHER[i]): along rows with (m, 1) and the
+    row offsets as OWN, along columns with (1, m) and the column offsets as OWN."""
+    for o0 in range(0, n_out, BO):
+        outs = o0 + tl.arange(0, BO)
+        own = tl.load(OWN + outs, mask=outs < n_out, other=0.0)
+        acc = tl.load(OUT + outs, mask=outs < n_out, other=0.0)
+        for i0 in range(0, n_in, BI):
+            ins = i0 + tl.arange(0, BI)
+            ok = (outs[:, None] < n_out) & (ins[None, :] < n_in)
+            x = tl.load(X + outs[:, None] * s_out + ins[None, :] * s_in, mask=ok, other=0.0).to(tl.float32)
+            other = tl.load(OTHER + ins, mask=ins < n_in, other=0.0)
+            g = tl.load(G + ins, mask=ins < n_in, other=0.0)
+            e = tl.where(ok, tl.exp(x - own[:, None] - other[None, :]), 0.0)
+            acc -= tl.sum(e * g[None, :], axis=1)
+        tl.store(OUT + outs, acc, mask=outs < n_out)
 
 
 @triton.jit
@@ -127,10 +94,10 @@ def _sinkhorn_bwd(X, P, DP, DX, A, B, GA, GB, n, m, n_iters, BR: tl.constexpr, B
     for s in range(n_iters):
         t = n_iters - 1 - s
         # column step: b_{t+1} = colLSE(x - a_{t+1}) sends -sum_j gb[j] C[i, j] to a_{t+1}
-        _weighted_sums(X, A + t * n, B + (t + 1) * m, GB + (t + 1) * m, GA + t * n, n, m, BR, BC, True)
+        _weighted_sums(X, m, 1, n, m, A + t * n, B + (t + 1) * m, GB + (t + 1) * m, GA + t * n, BR, BC)
         tl.debug_barrier()
         # row step: a_{t+1} = rowLSE(x - b_t) sends -sum_i ga[i] R[i, j] to b_t
-        _weighted_sums(X, A + t * n, B + t * m, GA + t * n, GB + t * m, n, m, BR, BC, False)
+        _weighted_sums(X, 1, m, m, n, B + t * m, A + t * n, GA + t * n, GB + t * m, BC, BR)
         tl.debug_barrier()
     # dx = dP * P + sum_t (gb_{t+1}[j] C_{t+1} + ga_{t+1}[i] R_{t+1})
     for i0 in range(0, n, BR):

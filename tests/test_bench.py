@@ -1,0 +1,43 @@
+"""The benchmark CLI: a smoke run writes the CSV, the summary and the plots; bad input exits with a message."""
+import csv
+import os
+
+import pytest
+import torch
+
+from sinkhorn_kernels.bench.__main__ import main
+from sinkhorn_kernels.bench.report import COLUMNS
+
+
+def test_smoke_run_writes_csv_summary_and_plots(tmp_path):
+    out = str(tmp_path / 'bench')
+    assert main(['--ops', 'sinkhorn_attention', 'sinkhorn', '--seq-lens', '256', '--causal', 'no', '--warmup', '0',
+                 '--repeats', '1', '--impls', 'reference', 'sinkhorn_kernels[reference]', '--out', out]) == 0
+    rows = list(csv.DictReader(open(os.path.join(out, 'results.csv'))))
+    assert set(COLUMNS) <= set(rows[0])
+    assert {r['impl'] for r in rows} == {'reference', 'sinkhorn_kernels[reference]'}
+    assert {r['mode'] for r in rows} == {'fwd', 'fwd+bwd'}
+    assert all(float(r['ms_median']) > 0 and float(r['peak_mem_mb']) > 0 for r in rows)
+    summary = open(os.path.join(out, 'summary.md')).read()
+    assert 'speedup vs reference' in summary and 'x |' in summary
+    assert os.path.exists(os.path.join(out, 'sinkhorn_attention_fwd_bwd.png'))
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--ops', 'nope'], 'invalid choice'),
+    (['--seq-lens', '100'], 'not a multiple of the bucket size'),
+    (['--ops', 'layer', '--heads', '3'], 'heads * dim_head must equal 512'),
+    (['--repeats', '0'], 'must be positive'),
+])
+def test_bad_input_exits_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ['--out', 'unused'])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')
+def test_missing_device_exits_with_a_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(['--device', 'cuda'])
+    assert e.value.code == 2 and 'no CUDA device' in capsys.readouterr().err
