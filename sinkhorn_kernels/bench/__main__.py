@@ -75,6 +75,20 @@ def plan(p, args):
     return jobs
 
 
+def describe_machine(args):
+    """Date, device, dtype and versions: what a result is only meaningful with."""
+    import datetime
+    import platform
+    if args.device == 'cuda':
+        device = torch.cuda.get_device_name()
+    else:
+        model = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
+                     platform.processor()) if os.path.exists('/proc/cpuinfo') else platform.processor()
+        device = f'CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads'
+    date = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+    return f'{date}; {device}; {args.dtype}; torch {torch.__version__}'
+
+
 def main(argv=None):
     from tqdm import tqdm
 
@@ -101,8 +115,7 @@ def main(argv=None):
         rows += new
     all_rows = read_csv(csv_path) if os.path.exists(csv_path) else []
     with open(os.path.join(args.out, 'summary.md'), 'w') as f:
-        device = torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'
-        f.write(f'# sinkhorn-kernels benchmark ({device}, {args.dtype})\n\n' + summary_markdown(rows))
+        f.write(f'# sinkhorn-kernels benchmark\n\n{describe_machine(args)}\n\n' + summary_markdown(rows))
         if failures:
             f.write('\n## Not measured\n\n' + ''.join(f'- {x}\n' for x in failures))
     if rows and not args.no_plots:
