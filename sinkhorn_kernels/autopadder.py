@@ -21,7 +21,6 @@ class Autopadder(nn.Module):
         transformer = net.transformer if isinstance(net, SinkhornTransformerLM) else net
         self.bucket_size = transformer.pad_to_bucket_size
         self.context_bucket_size = transformer.context_bucket_size
-        self.seq_dim = 1  # tokens [b, t] and embeddings [b, t, d] alike
 
     def forward(self, x, input_mask=None, context=None, context_mask=None, **kwargs):
         b, t = x.shape[:2]

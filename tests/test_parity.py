@@ -71,7 +71,6 @@ def test_gumbel_sinkhorn_mode_matches_reference_in_training_with_the_same_seed()
 
 
 def test_encoder_decoder_matches_reference():
-    import sinkhorn_transformer as st
     # top-k routing: the reference's Gumbel mode (the transformer's default) is random even in eval
     kw = dict(dim=32, depth=2, heads=4, bucket_size=16, max_seq_len=64, non_permutative=True)
     enc_ref, enc = reference_pair('SinkhornTransformer', **kw)

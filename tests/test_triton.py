@@ -138,12 +138,40 @@ def test_compile_fullgraph_without_graph_breaks():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_dropout_is_seeded_unbiased_and_its_backward_matches_its_forward():
+    (q, k, v, idx, w), kw = block_case(causal=True, null=True, rotated=2, masks=True)
+    leaves = [t.detach().float() for t in [q, k, v, w, *kw['null_kv']]]
+    g = torch.randn(q.shape)
+
+    def f(q, k, v, w, nk, nv, seed=7):
+        torch.manual_seed(seed)
+        out = ops.block_attention(q, k, v, idx, w, backend='triton', dropout_p=0.3, **{**kw, 'null_kv': (nk, nv)})
+        return (out * g).sum()
+
+    assert f(*leaves) == f(*leaves) and f(*leaves) != f(*leaves, seed=8)
+    # backward against a central difference of the same (seeded) forward along a random direction
+    ts = [t.clone().requires_grad_() for t in leaves]
+    f(*ts).backward()
+    direction = [torch.randn_like(t) for t in leaves]
+    eps = 1e-2
+    numeric = (f(*[t + eps * d for t, d in zip(leaves, direction)]) -
+               f(*[t - eps * d for t, d in zip(leaves, direction)])) / (2 * eps)
+    analytic = sum((t.grad * d).sum() for t, d in zip(ts, direction))
+    assert abs(numeric - analytic) <= 1e-2 * max(1.0, abs(analytic)), (numeric, analytic)
+    # unbiased: with values of ones every output is sum_j dropout(p)_ij, 1 in expectation
+    qv = torch.randn(2, 4, 256, 16)
+    ones = torch.ones_like(qv)
+    n = 256 // 16
+    idx2 = torch.stack([torch.randperm(n)[:2] for _ in range(8 * n)]).view(2, 4, n, 2)
+    out = ops.block_attention(qv, qv, ones, idx2, torch.ones(2, 4, n, 2), bucket_size=16, dropout_p=0.3,
+                              backend='triton')
+    assert abs(out.mean().item() - 1) < 0.05 and (out - 1).abs().max() > 0.1
+
+
 def test_triton_rejects_what_it_does_not_support():
     q = torch.randn(1, 2, 32, 8)
     idx = torch.zeros(1, 2, 4, 1, dtype=torch.long)
     w = torch.ones(1, 2, 4, 1)
-    with pytest.raises(ValueError, match='dropout'):
-        ops.block_attention(q, q, q, idx, w, bucket_size=8, dropout_p=0.1, backend='triton')
     with pytest.raises(ValueError, match='float16, bfloat16, float32'):
         ops.block_attention(q.double(), q.double(), q.double(), idx, w, bucket_size=8, backend='triton')
     big = torch.randn(1, 1, 512, 8)

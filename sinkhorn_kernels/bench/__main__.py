@@ -64,8 +64,7 @@ def plan(p, args):
         for seq_len in args.seq_lens or DEFAULT_SEQ_LENS[args.device][op]:
             # the Sinkhorn op has no causal variant
             for causal in causal_values if op != 'sinkhorn' else (False,):
-                cfg = default_config(op, args.device, seq_len, args.batch, args.heads, args.dim_head,
-                                     args.bucket_size, causal)
+                cfg = default_config(op, seq_len, args.batch, args.heads, args.dim_head, args.bucket_size, causal)
                 problem = validate(op, cfg)
                 if problem:
                     p.error(f'{op}: {problem}')

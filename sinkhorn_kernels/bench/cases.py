@@ -150,7 +150,7 @@ def _with_backend(impl, fn):
     return run
 
 
-def default_config(op, device, seq_len, batch, heads, dim_head, bucket_size, causal):
+def default_config(op, seq_len, batch, heads, dim_head, bucket_size, causal):
     cfg = dict(seq_len=seq_len, batch=batch, heads=heads, dim_head=dim_head, bucket_size=bucket_size,
                causal=causal, n_top=2, sinkhorn_iter=8, depth=2)
     if op == 'sinkhorn':

@@ -1,7 +1,6 @@
 """Timing and memory of one case. GPU: CUDA events and the allocator's peak; CPU: perf_counter and the process's
 peak resident memory (so each CPU case runs in a fresh process, see `isolated`)."""
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -12,11 +11,6 @@ import torch
 from .cases import build
 
 MODES = ('fwd', 'fwd+bwd')
-
-
-def _rss_mb():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
 
 
 def _peak_rss_mb():

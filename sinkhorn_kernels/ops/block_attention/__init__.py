@@ -70,9 +70,14 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
     null_k, null_v = (None, None) if null_kv is None else (t.reshape(H, D) for t in null_kv)
     lay = reference.Layout(Nq, bucket_size, Nk, kv_bucket_size, idx.shape[-1], causal, n_rotated_heads,
                            null_kv is not None, bool((route_indices < 0).any()), unit_weights, scale, dropout_p,
-                           int(torch.randint(0, 2 ** 62, ())) if dropout_p > 0 else 0)
+                           dropout_seed(dropout_p))
     out = reference.block_attention(q, k, v, idx.contiguous(), w.to(q.dtype), null_k, null_v, qm, km, lay)
     return out.to(dtype)
+
+
+def dropout_seed(dropout_p):
+    """A seed drawn from torch's generator, so dropout is reproducible under torch.manual_seed (0 when unused)."""
+    return int(torch.randint(0, 2 ** 31 - 1, ())) if dropout_p > 0 else 0
 
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -89,13 +94,11 @@ def _fused(backend, q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_siz
     require(max(bucket_size, kv_bucket_size, D) <= FUSED_MAX_BLOCK,
             f'the {backend} backend supports bucket sizes and dim_head up to {FUSED_MAX_BLOCK}; got bucket '
             f'{bucket_size}, kv bucket {kv_bucket_size}, dim_head {D}; use backend=\'reference\'')
-    require(dropout_p == 0, f'attention dropout is not implemented in the {backend} backend yet; pass dropout_p=0 '
-                            "(attn_dropout=0) or use backend='reference'")
     null_k, null_v = (None, None) if null_kv is None else (t.reshape(H, D).to(q.dtype).contiguous() for t in null_kv)
     expand = lambda m: None if m is None else m.expand(B, H, -1)
     out, _ = fused.block_attention_fwd(q, k, v, idx.to(torch.int32).contiguous(), w.float().contiguous(), null_k,
                                        null_v, expand(qm), expand(km), bucket_size, kv_bucket_size, causal,
-                                       n_rotated_heads, scale, backend)
+                                       n_rotated_heads, scale, dropout_p, dropout_seed(dropout_p), backend)
     return out
 
 

@@ -16,7 +16,15 @@ def _args(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_r
                 stream=stream(q))
 
 
-def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale):
+def _no_dropout(dropout_p):
+    if dropout_p > 0:
+        raise ValueError("attention dropout is not implemented in the cuda backend yet; pass dropout_p=0 "
+                         "(attn_dropout=0) or use backend='triton' or 'reference'")
+
+
+def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale, dropout_p,
+            seed):
+    _no_dropout(dropout_p)
     out, lse = new_attention_output(q)
     load().block_attention_forward(
         _args(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale),
@@ -25,7 +33,8 @@ def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n
 
 
 def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads,
-             scale):
+             scale, dropout_p, seed):
+    _no_dropout(dropout_p)
     buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs)
     pointer = lambda t: 0 if t is None else t.data_ptr()
     load().block_attention_backward(

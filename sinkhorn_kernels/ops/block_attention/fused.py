@@ -13,14 +13,15 @@ def kernels(backend):
 def block_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                         null_k: torch.Tensor | None, null_v: torch.Tensor | None, q_mask: torch.Tensor | None,
                         kv_mask: torch.Tensor | None, bucket_size: int, kv_bucket_size: int, causal: bool,
-                        n_rotated_heads: int, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                        n_rotated_heads: int, scale: float, dropout_p: float, seed: int, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels(backend).forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size,
-                                    causal, n_rotated_heads, scale)
+                                    causal, n_rotated_heads, scale, dropout_p, seed)
 
 
 @block_attention_fwd.register_fake
 def _(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size, causal, n_rotated_heads,
-      scale, backend):
+      scale, dropout_p, seed, backend):
     B, H, T, D = q.shape
     return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
 
@@ -30,11 +31,11 @@ def block_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                         lse: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, null_k: torch.Tensor | None,
                         null_v: torch.Tensor | None, q_mask: torch.Tensor | None, kv_mask: torch.Tensor | None,
                         bucket_size: int, kv_bucket_size: int, causal: bool, n_rotated_heads: int, scale: float,
-                        backend: str
+                        dropout_p: float, seed: int, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, dw, dnk, dnv = kernels(backend).backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
                                                          kv_mask, bucket_size, kv_bucket_size, causal,
-                                                         n_rotated_heads, scale)
+                                                         n_rotated_heads, scale, dropout_p, seed)
     if dnk is None:  # custom ops return tensors only: empty null gradients
         dnk, dnv = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dw, dnk, dnv
@@ -42,14 +43,14 @@ def block_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 @block_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size, causal,
-      n_rotated_heads, scale, backend):
+      n_rotated_heads, scale, dropout_p, seed, backend):
     B, H, _, D = q.shape
     null_shape = (B, H, D) if null_k is not None else (0,)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w),
             q.new_empty(null_shape, dtype=torch.float32), q.new_empty(null_shape, dtype=torch.float32))
 
 
-_STATIC = ('bucket_size', 'kv_bucket_size', 'causal', 'n_rotated_heads', 'scale', 'backend')
+_STATIC = ('bucket_size', 'kv_bucket_size', 'causal', 'n_rotated_heads', 'scale', 'dropout_p', 'seed', 'backend')
 
 
 def _setup_context(ctx, inputs, output):

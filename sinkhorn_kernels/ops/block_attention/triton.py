@@ -65,10 +65,10 @@ def _bucket_rows(X, b, h, u, sxb, sxh, sxt, sxd, rows, dims, BS, D):
 @triton.jit
 def _fwd(Q, K, V, O, LSE, IDX, W, NK, NV, QM, KM,
          sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
-         sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale,
+         sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale, p_drop, seed,
          BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
-         HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr):
+         HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     u = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -94,6 +94,7 @@ def _fwd(Q, K, V, O, LSE, IDX, W, NK, NV, QM, KM,
         p = tl.exp(s - shift[:, None])
         alpha = tl.exp(run_max - shift)
         run_sum = run_sum * alpha + tl.sum(p, axis=1)
+        p = _kept(p, seed, route + j, rows, cols, p_drop, BLOCK_N, DROPOUT)
         acc = acc * alpha[:, None] + tl.dot((p * w).to(v.dtype), v, input_precision=PRECISION)
         run_max = new_max
     dead = run_sum == 0.0  # no visible key: attend to nothing
@@ -106,6 +107,16 @@ def _fwd(Q, K, V, O, LSE, IDX, W, NK, NV, QM, KM,
 
 
 @triton.jit
+def _kept(p, seed, tile, rows, cols, p_drop, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
+    """Attention dropout of the probabilities of one (query bucket, route) tile, scaled by 1 / (1 - p_drop). The
+    mask comes from Philox keyed by (seed + tile, position in the tile), so every kernel regenerates the same one."""
+    if DROPOUT:
+        keep = tl.rand(seed + tile, rows[:, None] * BLOCK_N + cols[None, :]) >= p_drop
+        return tl.where(keep, p / (1 - p_drop), 0.0)
+    return p
+
+
+@triton.jit
 def _scores_and_probs(q, k, w, lse, ok, scale, PRECISION: tl.constexpr):
     s_raw = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     p = tl.where(ok, tl.exp(s_raw * w - lse[:, None]), 0.0)
@@ -115,10 +126,10 @@ def _scores_and_probs(q, k, w, lse, ok, scale, PRECISION: tl.constexpr):
 @triton.jit
 def _bwd_dq(Q, K, V, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
             sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod,
-            sdqb, sdqh, sdqt, sdqd, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale,
+            sdqb, sdqh, sdqt, sdqd, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale, p_drop, seed,
             BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
-            HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr):
+            HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     u = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -140,10 +151,12 @@ def _bwd_dq(Q, K, V, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
                       CAUSAL, HAS_QMASK, HAS_KVMASK)
         s_raw, p = _scores_and_probs(q, k, w, lse, ok, scale, PRECISION)
         dp_raw = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dO . v before the route weight
-        ds = p * (dp_raw * w - delta[:, None])
+        p_kept = _kept(p, seed, route + j, rows, cols, p_drop, BLOCK_N, DROPOUT)
+        # the gradient of the probabilities before dropout: dP = dropout(w dO . v)
+        ds = p * (_kept(dp_raw * w, seed, route + j, rows, cols, p_drop, BLOCK_N, DROPOUT) - delta[:, None])
         dq += tl.dot((ds * w).to(k.dtype), k, input_precision=PRECISION)
-        # s = w * s_raw and the values are w * v: d/dw = <ds, s_raw> + <p, dO v>
-        tl.store(DW + route + j, tl.sum(tl.sum(ds * s_raw + p * dp_raw, axis=1), axis=0))
+        # s = w * s_raw and the values are w * v: d/dw = <ds, s_raw> + <dropout(p), dO v>
+        tl.store(DW + route + j, tl.sum(tl.sum(ds * s_raw + p_kept * dp_raw, axis=1), axis=0))
     tl.store(DQ + b * sdqb + h * sdqh + (u * BS + rows)[:, None] * sdqt + dims[None, :] * sdqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < BS) & (dims[None, :] < D))
 
@@ -152,9 +165,9 @@ def _bwd_dq(Q, K, V, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
 def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, READERS, START, COUNT,
              sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod,
              sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale,
-             BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             p_drop, seed, BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
-             HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr):
+             HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     n = tl.program_id(0)  # key block; n == Nk is the null block
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -178,8 +191,11 @@ def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, 
         ok = _allowed(rows, cols, u, j, n, h, b, QM, KM, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, BS, KBS,
                       CAUSAL, HAS_QMASK, HAS_KVMASK)
         s_raw, p = _scores_and_probs(q, k, w, lse, ok, scale, PRECISION)
-        dv += tl.dot(tl.trans((p * w).to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * w
+        tile = bh * Nq * R + e
+        dv += tl.dot(tl.trans((_kept(p, seed, tile, rows, cols, p_drop, BLOCK_N, DROPOUT) * w).to(do.dtype)), do,
+                     input_precision=PRECISION)
+        dp = _kept(tl.dot(do, tl.trans(v), input_precision=PRECISION) * w, seed, tile, rows, cols, p_drop, BLOCK_N,
+                   DROPOUT)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans((ds * (w * scale)).to(q.dtype)), q, input_precision=PRECISION)
     blk_ok = (cols[:, None] < KBS) & (dims[None, :] < D)
@@ -201,18 +217,18 @@ def _pow2(x):
 class Launch:
     """Sizes, flags and strides shared by the three kernels of one call."""
 
-    def __init__(self, q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale):
+    def __init__(self, q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale, dropout_p, seed):
         self.B, self.H, Tq, self.D = q.shape
         self.Nq, self.Nk, self.R = Tq // bs, k.shape[2] // kbs, idx.shape[-1]
         self.q_mask, self.kv_mask = q_mask, kv_mask
         qm_strides = (q_mask.stride(0), q_mask.stride(1)) if q_mask is not None else (0, 0)
         km_strides = (kv_mask.stride(0), kv_mask.stride(1)) if kv_mask is not None else (0, 0)
         self.mask_strides = (*qm_strides, *km_strides)
-        self.sizes = (self.H, self.Nq, self.Nk, self.R, n_rotated_heads if causal else 0, scale)
+        self.sizes = (self.H, self.Nq, self.Nk, self.R, n_rotated_heads if causal else 0, scale, dropout_p, seed)
         self.meta = dict(BS=bs, KBS=kbs, D=self.D, BLOCK_M=_pow2(bs), BLOCK_N=_pow2(kbs), BLOCK_D=_pow2(self.D),
                          CAUSAL=causal, HAS_NULL=null_k is not None, HAS_QMASK=q_mask is not None,
                          HAS_KVMASK=kv_mask is not None,
-                         PRECISION='ieee' if q.dtype == torch.float32 else 'tf32',
+                         PRECISION='ieee' if q.dtype == torch.float32 else 'tf32', DROPOUT=dropout_p > 0,
                          num_warps=4 if _pow2(bs) * _pow2(self.D) <= 64 * 64 else 8)
 
     def masks(self, dummy):
@@ -223,9 +239,10 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
-def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale):
+def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale, dropout_p,
+            seed):
     """-> (out [B, H, Tq, D] stored as [B, Tq, H, D], lse [B, H, Tq] fp32)."""
-    L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale)
+    L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale, dropout_p, seed)
     out, lse = new_attention_output(q)
     null_k = null_k if null_k is not None else q
     null_v = null_v if null_v is not None else q
@@ -235,9 +252,9 @@ def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n
 
 
 def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads,
-             scale):
+             scale, dropout_p, seed):
     """-> (dq, dk, dv, dw [B, H, Nq, R] fp32, dnull_k [B, H, D] fp32 or None, dnull_v)."""
-    L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale)
+    L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale, dropout_p, seed)
     buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs)
     has_null = null_k is not None
     nk, nv = (null_k, null_v) if has_null else (q, q)
