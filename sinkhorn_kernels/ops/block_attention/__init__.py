@@ -70,14 +70,17 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
     null_k, null_v = (None, None) if null_kv is None else (t.reshape(H, D) for t in null_kv)
     lay = reference.Layout(Nq, bucket_size, Nk, kv_bucket_size, idx.shape[-1], causal, n_rotated_heads,
                            null_kv is not None, bool((route_indices < 0).any()), unit_weights, scale, dropout_p,
-                           dropout_seed(dropout_p))
+                           int(dropout_seed(dropout_p, q.device)))
     out = reference.block_attention(q, k, v, idx.contiguous(), w.to(q.dtype), null_k, null_v, qm, km, lay)
     return out.to(dtype)
 
 
-def dropout_seed(dropout_p):
-    """A seed drawn from torch's generator, so dropout is reproducible under torch.manual_seed (0 when unused)."""
-    return int(torch.randint(0, 2 ** 31 - 1, ())) if dropout_p > 0 else 0
+def dropout_seed(dropout_p, device):
+    """A one-element int32 tensor drawn from torch's generator, so dropout is reproducible under torch.manual_seed;
+    the kernels read it on the device (no host sync, so torch.compile keeps one graph). Zero when unused."""
+    if dropout_p == 0:
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    return torch.randint(0, 2 ** 30, (1,), dtype=torch.int32, device=device)
 
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -98,7 +101,7 @@ def _fused(backend, q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_siz
     expand = lambda m: None if m is None else m.expand(B, H, -1)
     out, _ = fused.block_attention_fwd(q, k, v, idx.to(torch.int32).contiguous(), w.float().contiguous(), null_k,
                                        null_v, expand(qm), expand(km), bucket_size, kv_bucket_size, causal,
-                                       n_rotated_heads, scale, dropout_p, dropout_seed(dropout_p), backend)
+                                       n_rotated_heads, scale, dropout_p, dropout_seed(dropout_p, q.device), backend)
     return out
 
 

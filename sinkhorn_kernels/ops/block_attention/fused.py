@@ -13,7 +13,7 @@ def kernels(backend):
 def block_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                         null_k: torch.Tensor | None, null_v: torch.Tensor | None, q_mask: torch.Tensor | None,
                         kv_mask: torch.Tensor | None, bucket_size: int, kv_bucket_size: int, causal: bool,
-                        n_rotated_heads: int, scale: float, dropout_p: float, seed: int, backend: str
+                        n_rotated_heads: int, scale: float, dropout_p: float, seed: torch.Tensor, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels(backend).forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size,
                                     causal, n_rotated_heads, scale, dropout_p, seed)
@@ -31,7 +31,7 @@ def block_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                         lse: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, null_k: torch.Tensor | None,
                         null_v: torch.Tensor | None, q_mask: torch.Tensor | None, kv_mask: torch.Tensor | None,
                         bucket_size: int, kv_bucket_size: int, causal: bool, n_rotated_heads: int, scale: float,
-                        dropout_p: float, seed: int, backend: str
+                        dropout_p: float, seed: torch.Tensor, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, dw, dnk, dnv = kernels(backend).backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
                                                          kv_mask, bucket_size, kv_bucket_size, causal,

@@ -109,9 +109,10 @@ def _fwd(Q, K, V, O, LSE, IDX, W, NK, NV, QM, KM,
 @triton.jit
 def _kept(p, seed, tile, rows, cols, p_drop, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
     """Attention dropout of the probabilities of one (query bucket, route) tile, scaled by 1 / (1 - p_drop). The
-    mask comes from Philox keyed by (seed + tile, position in the tile), so every kernel regenerates the same one."""
+    mask comes from Philox keyed by (seed + tile, position in the tile), so every kernel regenerates the same one;
+    `seed` points to a one-element int32 tensor."""
     if DROPOUT:
-        keep = tl.rand(seed + tile, rows[:, None] * BLOCK_N + cols[None, :]) >= p_drop
+        keep = tl.rand(tl.load(seed) + tile, rows[:, None] * BLOCK_N + cols[None, :]) >= p_drop
         return tl.where(keep, p / (1 - p_drop), 0.0)
     return p
 
