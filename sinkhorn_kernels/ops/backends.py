@@ -3,12 +3,15 @@
 Resolution order: the call's `backend=`, then `set_backend(...)`, then the environment variable
 SINKHORN_KERNELS_BACKEND, then automatic: Triton for CUDA tensors when it is installed, the reference otherwise.
 """
+import importlib
 import importlib.util
 import os
 
 import torch
 
 BACKENDS = ('reference', 'triton', 'cuda')
+# what the fused backends (triton, cuda) take
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _global_backend = None
 
@@ -80,3 +83,8 @@ def resolve_backend(backend, device):
     if name == 'cuda' and device.type != 'cuda':
         raise ValueError(f'backend \'cuda\' got {device.type} tensors; move them to a CUDA device')
     return name
+
+
+def kernel_module(package, backend):
+    """The module of `package` that launches `backend`'s kernels (ops/<op>/triton.py or ops/<op>/cuda.py)."""
+    return importlib.import_module(f'{package}.{backend}')

@@ -129,6 +129,7 @@ def train(cfg, progress=True):
                disable=not (progress and is_main))
     began = time.time()
     micro = cfg['batch_size'] // (world * cfg['grad_accum'])
+    final = None
     for step in bar:
         # the global batch of this step, whatever the number of processes: each takes its rows
         batch = [t[rank::world] for t in task.batch(cfg['seed'], step)]
@@ -160,9 +161,11 @@ def train(cfg, progress=True):
                 bar.write(f'step {done}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items() if k != 'sample'))
                 bar.write(f'  sample: {metrics["sample"]!r}')
             checkpoint(done)
+            final = metrics
     bar.close()
 
-    final = evaluate(cfg['steps'])
+    if final is None:  # resumed with no step left: the saved checkpoint is already the last one
+        final = evaluate(cfg['steps'])
     result = dict(task=cfg['task'], steps=cfg['steps'], world_size=world, train_seconds=time.time() - began,
                   final=final, config={k: v for k, v in cfg.items() if k != 'resume'})
     if world > 1:
@@ -172,7 +175,6 @@ def train(cfg, progress=True):
         dist.all_gather(gathered, checksum)
         result['rank_param_checksums'] = [g.item() for g in gathered]
     if is_main:
-        checkpoint(cfg['steps'])
         with open(os.path.join(cfg['out'], 'metrics.json'), 'w') as f:
             json.dump(result, f, indent=2)
         plot_history(history, os.path.join(cfg['out'], 'loss_curve.png'))

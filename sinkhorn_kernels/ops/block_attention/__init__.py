@@ -1,7 +1,7 @@
 import torch
 
 from ..._checks import check_bucket_multiple, require
-from ..backends import resolve_backend
+from ..backends import FUSED_DTYPES, resolve_backend
 from . import reference
 
 
@@ -21,9 +21,10 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
     """Each query bucket attends, in one softmax, to its routed key buckets and (with `own_bucket`) its own.
 
     q: [B, H, Tq, D]; k, v: [B, H, Tk, D]. route_indices / route_weights: [B, H, Nq or 1, K] (1 = the same
-    routes for every query bucket, as SortCut), indices into the Nk = Tk / kv_bucket_size key buckets (the own bucket of
-    query bucket u is key bucket u); Nk names the learned null bucket of `null_kv = (null_k, null_v)`, each [H, D]; -1 names no block. Routed keys and
-    values are multiplied by their weight. `causal` masks keys after the query inside its own bucket;
+    routes for every query bucket, as SortCut), indices into the Nk = Tk / kv_bucket_size key buckets (the own
+    bucket of query bucket u is key bucket u); Nk names the learned null bucket of `null_kv = (null_k, null_v)`,
+    each [H, D]; -1 names no block. Routed keys and values are multiplied by their weight. `causal` masks keys
+    after the query inside its own bucket;
     `n_rotated_heads` trailing heads are in the causal half-head rotated frame (their last bucket holds the
     wrapped-around first tokens, which see only their own earlier tokens). Masks are bool [B, T] or [B, H, T];
     a query with no visible key outputs zeros.
@@ -83,7 +84,6 @@ def dropout_seed(dropout_p, device):
     return torch.randint(0, 2 ** 30, (1,), dtype=torch.int32, device=device)
 
 
-FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_MAX_BLOCK = 128
 
 

@@ -1,12 +1,12 @@
 """The fused block attention as torch.library custom ops (fake implementations for torch.compile, autograd),
 one pair for every fused backend: `backend` names the module that launches the kernels ('triton' or 'cuda')."""
-import importlib
-
 import torch
+
+from ..backends import kernel_module
 
 
 def kernels(backend):
-    return importlib.import_module(f'{__package__}.{backend}')
+    return kernel_module(__package__, backend)
 
 
 @torch.library.custom_op('sinkhorn_kernels::block_attention_fwd', mutates_args=())

@@ -1,6 +1,6 @@
 import torch
 
-from ..backends import resolve_backend
+from ..backends import FUSED_DTYPES, resolve_backend
 from . import reference
 
 LOG_EPS = 1e-6
@@ -15,7 +15,7 @@ def sinkhorn_normalize(log_alpha, n_iters, backend=None):
         raise ValueError(f'n_iters must be >= 0, got {n_iters}')
     name = resolve_backend(backend, log_alpha.device)
     if name != 'reference' and n_iters > 0:
-        if log_alpha.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if log_alpha.dtype not in FUSED_DTYPES:
             raise ValueError(f'the {name} backend takes float16, bfloat16 or float32 scores, got {log_alpha.dtype}; '
                              "use backend='reference'")
         from . import fused
