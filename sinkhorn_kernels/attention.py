@@ -6,6 +6,7 @@ from torch import nn
 
 from . import ops
 from ._checks import check_bucket_multiple, check_mask, require
+from .ops.backends import resolve_backend
 from .ops.sinkhorn_attention import causal_bucket_summaries
 
 
@@ -79,6 +80,12 @@ class SinkhornSelfAttention(nn.Module):
             self.null_keys = nn.Parameter(torch.randn(sink_heads, 1, self.dim_head))
             self.null_values = nn.Parameter(torch.randn(sink_heads, 1, self.dim_head))
 
+    def _runs_fused(self, x):
+        """Whether the layer runs as one op, `ops.sinkhorn_self_attention`, which saves memory on the reference
+        backend: self-attention with the attention sort net and top-k routing, in float32 or float64."""
+        return (not self.context_only and self.sort_net is None and (self.non_permutative or self.causal)
+                and x.dtype in (torch.float32, torch.float64) and resolve_backend(None, x.device) == 'reference')
+
     def forward(self, x, input_mask=None, context=None, context_mask=None):
         b, t, d = x.shape
         check_bucket_multiple(t, self.bucket_size)
@@ -94,11 +101,20 @@ class SinkhornSelfAttention(nn.Module):
             check_bucket_multiple(t, self.kv_bucket_size, 'key/value sequence')
             kv_input, kv_mask = x, input_mask
 
+        dropout_p = self.attn_dropout if self.training else 0.
+        if self._runs_fused(x):
+            null_kv = (self.null_keys, self.null_values) if self.causal and self.n_local < self.heads else None
+            return self.dropout(ops.sinkhorn_self_attention(
+                x, self.to_q.weight, self.to_kv.weight, self.to_out.weight, self.to_out.bias, heads=self.heads,
+                dim_head=self.dim_head, bucket_size=self.bucket_size, kv_bucket_size=self.kv_bucket_size,
+                causal=self.causal, n_top_buckets=self.n_top_buckets, n_sortcut=self.n_sortcut,
+                temperature=self.temperature, n_local_heads=self.n_local, null_kv=null_kv, input_mask=input_mask,
+                dropout_p=dropout_p))
+
         split = lambda t_: rearrange(t_, 'b n (h d) -> b h n d', h=self.heads)
         q = split(self.to_q(x))
         # two products instead of one and a chunk: backward then needs no concatenated copy of dk and dv
         k, v = (split(F.linear(kv_input, w)) for w in self.to_kv.weight.chunk(2))
-        dropout_p = self.attn_dropout if self.training else 0.
         l = self.n_local
         outs = []
         if l:

@@ -38,17 +38,21 @@ def masked_bucket_mean(x, mask, n_buckets):
     return (xb * m).sum(dim=3) / m.sum(dim=3).clamp(min=1)
 
 
+def running_mean_weights(mask, T, bucket_size, like):
+    """1 / (number of real tokens up to t), by bucket: [B or 1, 1 or H, N, bs]."""
+    if mask is None:
+        count = torch.arange(1, T + 1, device=like.device, dtype=like.dtype).view(1, 1, T)
+    else:
+        count = mask.to(like.dtype).cumsum(dim=-1).clamp(min=1)
+    return rearrange(1 / count, '... (n s) -> ... n s', s=bucket_size)
+
+
 def causal_bucket_summaries(x, mask, bucket_size):
     """Of the running mean over real tokens, cumavg[t] = sum_{s<=t} x_s / count_t: its value at each bucket's
     first token and its sum over each bucket, [B, H, N, D] each. Computed from bucket sums and suffix weights
     (sum_t cumavg[t] = prefix * sum_t 1/count_t + sum_s x_s * sum_{t>=s} 1/count_t) with no pass along the
     sequence, so its cost is that of two bucket reductions."""
-    T = x.shape[2]
-    if mask is None:
-        count = torch.arange(1, T + 1, device=x.device, dtype=x.dtype).view(1, 1, T)
-    else:
-        count = mask.to(x.dtype).cumsum(dim=-1).clamp(min=1)
-    inv = rearrange(1 / count, '... (n s) -> ... n s', s=bucket_size)  # [B, 1 or H, N, bs]
+    inv = running_mean_weights(mask, x.shape[2], bucket_size, x)
     xb = rearrange(x, 'b h (n s) d -> b h n s d', s=bucket_size)
     totals = xb.sum(dim=3)
     before = totals.cumsum(dim=2) - totals  # sum of all earlier buckets
@@ -58,23 +62,62 @@ def causal_bucket_summaries(x, mask, bucket_size):
     return first, summed
 
 
+def sort_summaries(q, k, *, bucket_size, kv_bucket_size, causal, n_sortcut=0, q_mask=None, kv_mask=None):
+    """What the attention sort net reads of q and k, masked positions excluded: [B, H, Nq or 1, D] and
+    [B, H, Nk, D]. Non-causal: bucket means (one mean of the whole query with SortCut). Causal: the running mean
+    of q at each bucket's first token, and the running means of k summed over each bucket. Both are linear in q
+    and k, which the fused layer relies on to take their gradient after q and k are gone."""
+    q, k = zero_masked(q, q_mask), zero_masked(k, kv_mask)
+    if causal:
+        return (causal_bucket_summaries(q, q_mask, bucket_size)[0],
+                causal_bucket_summaries(k, kv_mask, kv_bucket_size)[1])
+    n_query = 1 if n_sortcut else q.shape[2] // bucket_size
+    return masked_bucket_mean(q, q_mask, n_query), masked_bucket_mean(k, kv_mask, k.shape[2] // kv_bucket_size)
+
+
+def add_sort_summaries_vjp(d_sq, d_sk, dq, dk, *, bucket_size, kv_bucket_size, causal, n_sortcut=0, q_mask=None,
+                           kv_mask=None):
+    """Adds the vector-Jacobian product of `sort_summaries` for output gradients d_sq, d_sk into dq, dk
+    ([B, H, T, D] of any strides), in place and without a temporary of their size. The summaries are linear, so
+    this needs no values of q and k."""
+    bucketed = lambda t, n: t.unflatten(2, (n, -1))
+    ones = lambda t: torch.ones((), dtype=t.dtype, device=t.device).expand(*t.shape[:3], 1, 1)
+    real = lambda mask, t, n: bucketed(mask.to(t.dtype), n)[..., None] if mask is not None else ones(bucketed(t, n))
+    if not causal:
+        for d, out, mask, n in ((d_sq, dq, q_mask, 1 if n_sortcut else dq.shape[2] // bucket_size),
+                                (d_sk, dk, kv_mask, dk.shape[2] // kv_bucket_size)):
+            m = real(mask, out, n)  # [B, 1 or H, n, s, 1]
+            count = m.sum(dim=3).clamp(min=1) if mask is not None else out.shape[2] // n
+            bucketed(out, n).addcmul_((d / count)[:, :, :, None], m)
+        return
+    later = lambda t: t.flip(2).cumsum(dim=2).flip(2) - t  # sum over the later buckets
+    # queries: first[c] = (sum of real q before bucket c's first token, and it) * inv at that token
+    n = dq.shape[2] // bucket_size
+    m = real(q_mask, dq, n)
+    g = d_sq * running_mean_weights(q_mask, dq.shape[2], bucket_size, dq)[..., 0, None]
+    bucketed(dq, n).addcmul_(later(g)[:, :, :, None], m)
+    bucketed(dq, n)[:, :, :, 0].addcmul_(g, m[:, :, :, 0])
+    # keys: summed[c] = (sum of real k before bucket c) * sum_c inv + sum_{s in c} k_s * (sum_{t >= s in c} inv_t)
+    n = dk.shape[2] // kv_bucket_size
+    m = real(kv_mask, dk, n)
+    inv = running_mean_weights(kv_mask, dk.shape[2], kv_bucket_size, dk)
+    suffix = inv.flip(-1).cumsum(dim=-1).flip(-1)
+    bucketed(dk, n).addcmul_(later(d_sk * inv.sum(dim=-1, keepdim=True))[:, :, :, None], m)
+    bucketed(dk, n).addcmul_(d_sk[:, :, :, None], m * suffix[..., None])
+
+
+def summary_scores(sq, sk, n_null=0):
+    """Scaled dot products of query and key bucket summaries, with `n_null` leading zero columns."""
+    return F.pad(torch.einsum('bhid,bhjd->bhij', sq, sk) * sq.shape[-1] ** -0.5, (n_null, 0))
+
+
 def attention_sort_scores(q, k, *, bucket_size, kv_bucket_size, causal, n_sortcut=0, n_null=0, q_mask=None,
                           kv_mask=None):
-    """The parameter-free attention sort net: scaled dot products of bucket summaries.
-
-    Non-causal: bucket means of q (one mean of the whole query with SortCut) against bucket means of k,
-    [B, H, Nq or 1, Nk]. Causal: the running mean of q at each bucket's first token against the summed running
-    means of k over each bucket, with `n_null` leading zero-score columns for the null buckets,
-    [B, H, Nq, n_null + Nk]."""
-    scale = q.shape[-1] ** -0.5
-    if causal:
-        sq, _ = causal_bucket_summaries(q, q_mask, bucket_size)
-        _, sk = causal_bucket_summaries(k, kv_mask, kv_bucket_size)
-        return F.pad(torch.einsum('bhid,bhjd->bhij', sq, sk) * scale, (n_null, 0))
-    n_query = 1 if n_sortcut else q.shape[2] // bucket_size
-    sq = masked_bucket_mean(q, q_mask, n_query)
-    sk = masked_bucket_mean(k, kv_mask, k.shape[2] // kv_bucket_size)
-    return torch.einsum('bhid,bhjd->bhij', sq, sk) * scale
+    """The parameter-free attention sort net: scaled dot products of the bucket summaries of `sort_summaries`,
+    [B, H, Nq or 1, Nk] (causal: with `n_null` leading zero-score columns for the null buckets)."""
+    sq, sk = sort_summaries(q, k, bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, causal=causal,
+                            n_sortcut=n_sortcut, q_mask=q_mask, kv_mask=kv_mask)
+    return summary_scores(sq, sk, n_null)
 
 
 def causal_routes(scores, n_top, n_null, temperature):
@@ -85,6 +128,16 @@ def causal_routes(scores, n_top, n_null, temperature):
     scores = scores.masked_fill(F.pad(future, (n_null, 0)), float('-inf'))
     idx, w = topk_routing(scores, n_top, temperature)
     return torch.where(idx < n_null, scores.shape[-1] - n_null, idx - n_null), w
+
+
+def topk_routes(scores, *, causal, n_top_buckets, n_sortcut, temperature, n_null=0):
+    """Sparse routes from sort-net scores: (indices, weights), [B, H, Nq or 1, K]."""
+    if causal:
+        return causal_routes(scores, n_top_buckets, n_null, temperature)
+    idx, w = topk_routing(scores, min(n_sortcut or n_top_buckets, scores.shape[-1]), temperature)
+    if n_sortcut:
+        idx, w = (t.flatten(2)[..., None, :n_sortcut] for t in (idx, w))
+    return idx, w
 
 
 def sinkhorn_attention(q, k, v, *, bucket_size, n_top_buckets=1, causal=False, n_sortcut=0, kv_bucket_size=None,
@@ -125,9 +178,9 @@ def sinkhorn_attention(q, k, v, *, bucket_size, n_top_buckets=1, causal=False, n
         n_top = min(n_top_buckets, nq)
         first, shift = H // 2, bucket_size - 1
         q, k, v, q_mask, kv_mask = (rotate_heads(t, first, shift) for t in (q, k, v, q_mask, kv_mask))
-        sq, sk = zero_masked(q, q_mask), zero_masked(k, kv_mask)
-        scores = (sort_net(sq, sk, q_mask, kv_mask) if sort_net is not None else
-                  attention_sort_scores(sq, sk, causal=True, n_null=n_top, q_mask=q_mask, kv_mask=kv_mask,
+        scores = (sort_net(zero_masked(q, q_mask), zero_masked(k, kv_mask), q_mask, kv_mask)
+                  if sort_net is not None else
+                  attention_sort_scores(q, k, causal=True, n_null=n_top, q_mask=q_mask, kv_mask=kv_mask,
                                         bucket_size=bucket_size, kv_bucket_size=kv_bucket_size))
         idx, w = causal_routes(scores, n_top, scores.shape[-1] - nq, temperature)
         out = block_attention(q, k, v, idx, w.to(q.dtype), causal=True, n_rotated_heads=H - first, null_kv=null_kv,
@@ -144,9 +197,8 @@ def sinkhorn_attention(q, k, v, *, bucket_size, n_top_buckets=1, causal=False, n
                                                          kv_bucket_size=kv_bucket_size, causal=False), 1.0
     own_bucket = nq == nk
     if non_permutative:
-        idx, w = topk_routing(scores, min(n_sortcut or n_top_buckets, nk), topk_temperature)
-        if n_sortcut:
-            idx, w = (t.flatten(2)[..., None, :n_sortcut] for t in (idx, w))
+        idx, w = topk_routes(scores, causal=False, n_top_buckets=n_top_buckets, n_sortcut=n_sortcut,
+                             temperature=topk_temperature)
         return block_attention(q, k, v, idx, w.to(q.dtype), own_bucket=own_bucket, q_mask=q_mask, kv_mask=kv_mask,
                                **common)
 

@@ -54,8 +54,7 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
     idx = route_indices.expand(B, H, Nq, -1)
     w = route_weights.expand(B, H, Nq, -1)
     if own_bucket:
-        own = torch.arange(Nq, device=q.device).view(1, 1, Nq, 1).expand(B, H, Nq, 1)
-        idx, w = torch.cat((idx, own), dim=-1), torch.cat((w, torch.ones_like(w[..., :1])), dim=-1)
+        idx, w = with_own_bucket(idx, w)
     qm, km = _head_mask(q_mask, B, H, Tq, 'q_mask'), _head_mask(kv_mask, B, H, Tk, 'kv_mask')
     n_rotated_heads = n_rotated_heads if causal else 0
     if name != 'reference':
@@ -74,6 +73,12 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
                            int(dropout_seed(dropout_p, q.device)))
     out = reference.block_attention(q, k, v, idx.contiguous(), w.to(q.dtype), null_k, null_v, qm, km, lay)
     return out.to(dtype)
+
+
+def with_own_bucket(idx, w):
+    """Routes [B, H, Nq, K] with each query bucket's own key bucket appended last, at weight 1."""
+    own = torch.arange(idx.shape[2], device=idx.device).view(1, 1, -1, 1).expand(*idx.shape[:3], 1)
+    return torch.cat((idx, own), dim=-1), torch.cat((w, torch.ones_like(w[..., :1])), dim=-1)
 
 
 def dropout_seed(dropout_p, device):
@@ -105,6 +110,16 @@ def _fused(backend, q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_siz
     return out
 
 
+def local_routes(n, look_backward, look_forward, device):
+    """Routes [n, K] of sliding-window attention over n windows: the neighbours within reach (-1 past the ends)."""
+    offsets = [o for o in range(-look_backward, look_forward + 1) if o != 0]
+    if not offsets:
+        offsets = [0]  # no neighbours: a single route to nothing keeps the layout uniform
+    u = torch.arange(n, device=device)[:, None]
+    idx = u + torch.tensor(offsets, device=device)
+    return torch.where((idx < 0) | (idx >= n) | (idx == u), -1, idx)
+
+
 def local_attention(q, k, v, *, window_size, causal=False, look_backward=1, look_forward=None, q_mask=None,
                     kv_mask=None, dropout_p=0.0, backend=None):
     """Sliding-window attention by buckets: each window attends to itself, `look_backward` windows back and
@@ -113,14 +128,7 @@ def local_attention(q, k, v, *, window_size, causal=False, look_backward=1, look
     require(not (causal and look_forward), 'causal local attention cannot look forward; pass look_forward=0')
     B, H, T, _ = q.shape
     check_bucket_multiple(T, window_size, 'sequence')
-    n = T // window_size
-    offsets = [o for o in range(-look_backward, look_forward + 1) if o != 0]
-    if not offsets:
-        offsets = [0]  # no neighbours: a single route to nothing keeps the layout uniform
-    u = torch.arange(n, device=q.device)[:, None]
-    idx = u + torch.tensor(offsets, device=q.device)
-    idx = torch.where((idx < 0) | (idx >= n) | (idx == u), -1, idx)
-    idx = idx.expand(B, H, n, len(offsets))
+    idx = local_routes(T // window_size, look_backward, look_forward, q.device).expand(B, H, -1, -1)
     w = torch.ones(idx.shape, dtype=q.dtype, device=q.device)
     return block_attention(q, k, v, idx, w, bucket_size=window_size, causal=causal, q_mask=q_mask, kv_mask=kv_mask,
                            dropout_p=dropout_p, backend=backend)

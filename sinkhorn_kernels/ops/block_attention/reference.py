@@ -1,8 +1,9 @@
 """Block attention in plain PyTorch, with a FlashAttention-style backward.
 
-q is read in place whatever its strides (the projections give [B, T, H, D] memory); k and v are copied once
-to [B, H, T, D], so that every key block is one contiguous row to gather, and the copies are what is saved
-(the strided originals can then be freed).
+q, the output and dq may have any strides (the projections give [B, T, H, D] memory, and the fused layer
+writes dq over q: a chunk's queries are read before its dq is written and never again); k and v are
+contiguous [B, H, T, D], so that every key block is one contiguous row to gather. The caller owns every
+output buffer, so the fused layer can place them in memory it already holds.
 idx, w: [B, H, Nq, K'] routes per query bucket, the own bucket (if any) appended last with weight 1;
 idx == Nk names the learned null bucket (null_k / null_v [H, D] repeated over the block), -1 no block.
 The key/value gradients are accumulated in [B, H, Tk, D] buffers, where one index_add covers all heads.
@@ -68,8 +69,8 @@ def weighted(lay, g, w):
 
 
 def block_dots(a, b):
-    """<a, b> per block of [B, H, c, K', kbs, D] tensors, as batched GEMVs (no elementwise temporary)."""
-    return (a.flatten(-2)[..., None, :] @ b.flatten(-2)[..., :, None])[..., 0, 0]
+    """<a, b> per block of [B, H, c, K', kbs, D] tensors (a product and a sum run faster than batched GEMVs)."""
+    return torch.linalg.vecdot(a.flatten(-2), b.flatten(-2))
 
 
 def scores(lay, q, k, null_k, idx, w, q_mask, kv_mask, c0, c1):
@@ -112,9 +113,9 @@ def probabilities(s, masked):
     return p
 
 
-def forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask):
+def forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out):
+    """Writes the attention output into `out` [B, H, Tq, D]."""
     B, H = q.shape[:2]
-    out = new_like_layout(q)
     for n, c0, c1 in lay.chunks(B, H):
         s, masked, _, _, _ = scores(lay, q, k, null_k, idx, w, q_mask, kv_mask, c0, c1)
         p = probabilities(s, masked)
@@ -122,14 +123,13 @@ def forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask):
             p = p * lay.dropout_keep(p.shape, n, p.device) / (1 - lay.dropout_p)
         v_w = weighted(lay, gather(lay, v, null_v, idx[:, :, c0:c1]), w[:, :, c0:c1])
         out[:, :, c0 * lay.bs:c1 * lay.bs] = (p @ v_w).flatten(2, 3)
-    return out
 
 
-def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout):
+def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout, dq, dk, dv):
+    """Writes dq (which may be q itself) and adds into dk, dv (contiguous [B, H, Tk, D]); returns the gradients
+    of the route weights (if `need_w`) and of the null bucket."""
     B, H = q.shape[:2]
     bs, kbs, Nk = lay.bs, lay.kbs, lay.Nk
-    dq = new_like_layout(q)
-    dk, dv = k.new_zeros(B, H, k.shape[2], k.shape[3]), v.new_zeros(B, H, v.shape[2], v.shape[3])
     dw = torch.zeros_like(w) if need_w else None
     dnull_k = torch.zeros_like(null_k) if null_k is not None else None
     dnull_v = torch.zeros_like(null_v) if null_v is not None else None
@@ -166,7 +166,7 @@ def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout
         rows = block_rows(lay, idx_c)
         dk.view(-1, kbs, k.shape[3]).index_add_(0, rows, dk_w.flatten(0, 3))
         dv.view(-1, kbs, v.shape[3]).index_add_(0, rows, dv_w.flatten(0, 3))
-    return dq, dk, dv, dw, dnull_k, dnull_v
+    return dw, dnull_k, dnull_v
 
 
 class BlockAttentionFunction(torch.autograd.Function):
@@ -175,13 +175,16 @@ class BlockAttentionFunction(torch.autograd.Function):
         k, v = k.contiguous(), v.contiguous()
         ctx.save_for_backward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask)
         ctx.lay = lay
-        return forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask)
+        out = new_like_layout(q)
+        forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, idx, w, null_k, null_v, q_mask, kv_mask = ctx.saved_tensors
-        dq, dk, dv, dw, dnk, dnv = backward(ctx.lay, ctx.needs_input_grad[4], q, k, v, idx, w, null_k, null_v,
-                                            q_mask, kv_mask, dout)
+        dq, dk, dv = new_like_layout(q), torch.zeros_like(k), torch.zeros_like(v)
+        dw, dnk, dnv = backward(ctx.lay, ctx.needs_input_grad[4], q, k, v, idx, w, null_k, null_v, q_mask, kv_mask,
+                                dout, dq, dk, dv)
         return dq, dk, dv, None, dw, dnk, dnv, None, None, None
 
 

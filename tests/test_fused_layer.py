@@ -1,0 +1,141 @@
+"""The fused self-attention layer (ops.sinkhorn_self_attention, the reference backend's path for
+SinkhornSelfAttention) against the same layer composed of separate ops and autograd."""
+import pytest
+import torch
+
+import sinkhorn_kernels as sk
+from sinkhorn_kernels import ops
+from sinkhorn_kernels.attention import SinkhornSelfAttention
+from sinkhorn_kernels.ops import self_attention
+from sinkhorn_kernels.ops.sinkhorn_attention import add_sort_summaries_vjp, sort_summaries
+
+f64 = dict(dtype=torch.float64)
+CONFIGS = [dict(), dict(causal=True), dict(n_top_buckets=2), dict(causal=True, n_top_buckets=3), dict(n_sortcut=2),
+           dict(kv_bucket_size=8, n_top_buckets=2), dict(kv_bucket_size=2), dict(n_local_attn_heads=2),
+           dict(causal=True, n_local_attn_heads=1), dict(n_local_attn_heads=4), dict(causal=True, n_local_attn_heads=4)]
+
+
+def forward_backward(layer, x, mask, fused, monkeypatch):
+    """Output, input gradient and parameter gradients; counts the fused op's calls."""
+    calls = []
+    apply = self_attention.SelfAttentionFunction.apply
+    with monkeypatch.context() as m:
+        m.setattr(self_attention.SelfAttentionFunction, 'apply', lambda *a: calls.append(1) or apply(*a))
+        if not fused:
+            m.setattr(SinkhornSelfAttention, '_runs_fused', lambda self, x: False)
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x, input_mask=mask)
+        (y * torch.linspace(-1, 1, y.numel(), **f64).view_as(y)).sum().backward()
+    assert len(calls) == (1 if fused else 0)
+    return [y, x.grad] + [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize('cfg', CONFIGS, ids=str)
+@pytest.mark.parametrize('masked', [False, True])
+@pytest.mark.parametrize('batch', [1, 2])
+def test_fused_layer_equals_composed_ops(cfg, masked, batch, monkeypatch):
+    layer = SinkhornSelfAttention(16, 4, 32, heads=4, dim_head=5, **cfg).double()
+    x = torch.randn(batch, 32, 16, **f64, requires_grad=True)
+    mask = None
+    if masked:  # left padding everywhere, right padding in the last sequence
+        mask = torch.ones(batch, 32, dtype=torch.bool)
+        mask[:, :5] = False
+        mask[-1, -3:] = False
+    fused = forward_backward(layer, x, mask, True, monkeypatch)
+    composed = forward_backward(layer, x, mask, False, monkeypatch)
+    for a, b in zip(fused, composed):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_fused_layer_splits_heads_into_units(monkeypatch):
+    layer = SinkhornSelfAttention(16, 4, 32, heads=4, dim_head=5, causal=True, n_local_attn_heads=1).double()
+    x = torch.randn(2, 32, 16, **f64, requires_grad=True)
+    whole = forward_backward(layer, x, None, True, monkeypatch)
+    monkeypatch.setattr(self_attention, 'UNIT_BYTES', 1)  # one head per unit
+    for a, b in zip(forward_backward(layer, x, None, True, monkeypatch), whole):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize('cfg', [dict(), dict(causal=True, n_local_heads=1), dict(n_sortcut=1)], ids=str)
+def test_sinkhorn_self_attention_gradients_with_dropout(cfg):
+    B, T, dim, H, D = 1, 16, 6, 2, 3
+    rand = lambda *s: torch.randn(*s, **f64, requires_grad=True)
+    n_null = H - cfg.get('n_local_heads', 0)
+    inputs = [rand(B, T, dim), rand(H * D, dim), rand(2 * H * D, dim), rand(dim, H * D), rand(dim)]
+    if cfg.get('causal'):
+        inputs += [rand(n_null, 1, D), rand(n_null, 1, D)]
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[:, -2:] = False
+
+    def fn(x, wq, wkv, wo, bo, *null):
+        torch.manual_seed(1)
+        return ops.sinkhorn_self_attention(x, wq, wkv, wo, bo, heads=H, bucket_size=4, input_mask=mask,
+                                           null_kv=tuple(null) or None, dropout_p=0.3, **cfg)
+
+    torch.testing.assert_close(fn(*inputs), fn(*inputs))
+    # every gradient against a central difference of the seeded forward, along a random direction (gradcheck's
+    # column-by-column Jacobian would rebuild the buffers once per column)
+    r = torch.randn_like(fn(*inputs))
+    (fn(*inputs) * r).sum().backward()
+    directions = [torch.randn_like(t) for t in inputs]
+    eps = 1e-6
+    shifted = lambda sign: (fn(*[t.detach() + sign * eps * d for t, d in zip(inputs, directions)]) * r).sum()
+    numeric = (shifted(1) - shifted(-1)) / (2 * eps)
+    analytic = sum((t.grad * d).sum() for t, d in zip(inputs, directions))
+    torch.testing.assert_close(analytic, numeric, atol=1e-7, rtol=1e-6)
+
+
+def test_fused_layer_backward_can_run_again():
+    """The first backward turns the saved buffers into gradients; a second one (retain_graph) rebuilds them, with
+    the same dropout masks."""
+    layer = SinkhornSelfAttention(8, 4, 16, heads=2, causal=True, attn_dropout=0.5).double().train()
+    x = torch.randn(1, 16, 8, **f64, requires_grad=True)
+    y = (layer(x) * torch.randn(1, 16, 8, **f64)).sum()
+    first = torch.autograd.grad(y, [x] + list(layer.parameters()), retain_graph=True)
+    second = torch.autograd.grad(y, [x] + list(layer.parameters()))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('cfg', [dict(causal=False), dict(causal=True), dict(causal=False, n_sortcut=1),
+                                 dict(causal=False, kv_bucket_size=2)], ids=str)
+@pytest.mark.parametrize('masked', [False, True])
+def test_sort_summaries_vjp_equals_autograd(cfg, masked):
+    B, H, T, D = 2, 3, 16, 4
+    cfg = dict(bucket_size=4, kv_bucket_size=cfg.pop('kv_bucket_size', 4), **cfg)
+    q, k = (torch.randn(B, H, T, D, **f64, requires_grad=True) for _ in range(2))
+    mask = torch.rand(B, T) > 0.3 if masked else None
+    masks = dict(q_mask=None if mask is None else mask[:, None], kv_mask=None if mask is None else mask[:, None])
+    sq, sk_ = sort_summaries(q, k, **cfg, **masks)
+    d_sq, d_sk = torch.randn_like(sq), torch.randn_like(sk_)
+    expected = torch.autograd.grad((sq, sk_), (q, k), (d_sq, d_sk))
+    dq, dk = torch.zeros(B, H, T, D, **f64), torch.zeros(B, T, H, D, **f64).transpose(1, 2)  # any strides
+    add_sort_summaries_vjp(d_sq, d_sk, dq, dk, **cfg, **masks)
+    torch.testing.assert_close(dq, expected[0])
+    torch.testing.assert_close(dk, expected[1])
+
+
+def test_sinkhorn_self_attention_runs_on_the_reference_backend_only():
+    x, w = torch.randn(1, 8, 4), torch.randn(4, 4)
+    with pytest.raises(ValueError, match='reference backend only'):
+        ops.sinkhorn_self_attention(x, w, torch.randn(8, 4), w, torch.randn(4), heads=2, bucket_size=4,
+                                    backend='triton')
+    with pytest.raises(ValueError, match='float32 or float64'):
+        ops.sinkhorn_self_attention(x.half(), w, torch.randn(8, 4), w, torch.randn(4), heads=2, bucket_size=4)
+
+
+def test_layer_uses_the_fused_op_only_where_it_applies():
+    x = torch.randn(1, 16, 8)
+    assert SinkhornSelfAttention(8, 4, 16, heads=2)._runs_fused(x)
+    assert not SinkhornSelfAttention(8, 4, 16, heads=2, use_simple_sort_net=True)._runs_fused(x)
+    assert not SinkhornSelfAttention(8, 4, 16, heads=2, non_permutative=False)._runs_fused(x)
+    assert not SinkhornSelfAttention(8, 4, 16, heads=2, context_only=True)._runs_fused(x)
+    assert not SinkhornSelfAttention(8, 4, 16, heads=2)._runs_fused(x.half())
+    sk.set_backend('triton')
+    try:
+        assert not SinkhornSelfAttention(8, 4, 16, heads=2)._runs_fused(x)
+    finally:
+        sk.set_backend(None)
