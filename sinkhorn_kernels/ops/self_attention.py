@@ -291,15 +291,14 @@ def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, hea
     require(input_mask is None or (input_mask.dtype == torch.bool and tuple(input_mask.shape) == (B, T)),
             f'input_mask must be bool [{B}, {T}]')
     Nq, Nk = T // bucket_size, T // kv_bucket_size
+    # the local heads' fixed routes: neighbouring windows (none ahead when causal), then their own
+    local_idx = local_routes(Nq, 1, 0 if causal else 1, x.device).view(1, 1, Nq, -1)
     cfg = SimpleNamespace(heads=heads, dim_head=dim_head, n_local=n_local_heads, batch=B, Nq=Nq, Nk=Nk,
                   groups=_groups(heads, n_local_heads, causal, bucket_size),
                   bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, causal=causal,
                   n_top=min(n_top_buckets, Nq) if causal else n_top_buckets, n_sortcut=n_sortcut,
                   topk_temperature=temperature if causal else 1.0, own_bucket=causal or Nq == Nk,
                   mask=input_mask, dropout_p=dropout_p, scale=dim_head ** -0.5, dtype=x.dtype,
-                  local_idx=local_routes(Nq, 1, 0 if causal else 1, x.device).view(1, 1, Nq, -1))
-    if n_local_heads:
-        idx = cfg.local_idx
-        cfg.local_idx, _ = with_own_bucket(idx, torch.ones(idx.shape, dtype=x.dtype, device=x.device))
+                  local_idx=with_own_bucket(local_idx, torch.ones_like(local_idx, dtype=x.dtype))[0])
     null_k, null_v = null_kv if null_kv is not None and n_local_heads < heads else (None, None)
     return SelfAttentionFunction.apply(x, q_weight, kv_weight, out_weight, out_bias, null_k, null_v, cfg)
