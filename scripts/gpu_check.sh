@@ -1,25 +1,48 @@
 #!/usr/bin/env bash
 # The one prepared run for a lent GPU machine (H100/H200, no internet, its own torch and triton).
 # Before: scripts/stage_wheels.sh here; the device call carries .whl and runs `bash scripts/gpu_check.sh`.
-# Installs the project without touching torch, runs the GPU tests and the bf16 benchmark sweep (1k to 64k
-# tokens) within 8 minutes, and writes everything into ${1:-$OUT}.
+# Installs the project without touching torch (building _C for this GPU only), runs the GPU tests, then the
+# benchmarks of the performance goals (each in its own process, so a crash loses one), then a wider sweep while
+# time is left. Everything lands in ${1:-$OUT}, written as it goes, so a run cut short still reports.
 set -uo pipefail
 out=${1:-${OUT:?give an output folder or set OUT}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+step() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$out/steps.log"; }
+
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
   python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 } > "$out/device.txt" 2>&1
+step install
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
-python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+SINKHORN_KERNELS_CUDA_ARCHS=$(python3 -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())') \
+  python3 -m pip install --no-build-isolation --no-deps -e . > "$out/install.log" 2>&1 || { tail -30 "$out/install.log"; exit 1; }
 python3 -c 'import sinkhorn_kernels as sk; print(sk.available_backends())' >> "$out/device.txt" 2>&1
+cat "$out/device.txt"
 
-timeout 200 python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
-timeout 260 python3 -m sinkhorn_kernels.bench --device cuda --dtype bfloat16 --out "$out/bench" --no-plots \
-  --seq-lens 1024 4096 16384 65536 2>&1 | tee "$out/bench.log"
-cp "$out/bench/results.csv" "$out/bench/summary.md" "$out/" 2>/dev/null
-echo "done: $(ls "$out")"
+step tests
+parallel=$(python3 -c 'import xdist' 2>/dev/null && echo '-n 8')
+per_test=$(python3 -c 'import pytest_timeout' 2>/dev/null && echo '--timeout 150')
+timeout 250 python3 -m pytest -q -m gpu tests $parallel $per_test --tb=short -rfE --junitxml "$out/gpu_tests.xml" \
+  2>&1 | tee "$out/gpu_tests.log" | tail -80
+
+bench() {  # bench NAME SECONDS ARGS...: one benchmark process, its own folder
+  local name=$1 seconds=$2; shift 2
+  step "bench $name"
+  timeout "$seconds" python3 -m sinkhorn_kernels.bench --device cuda --dtype bfloat16 --no-plots --out "$out/bench/$name" \
+    "$@" 2>&1 | grep -v '^benchmarks:' | tee "$out/bench/$name.log" | tail -25
+}
+mkdir -p "$out/bench"
+ours='sinkhorn_kernels[triton] sinkhorn_kernels[cuda]'
+# the goals: layer at 16k vs the reference; block attention at 64k vs dense SDPA; Sinkhorn 512 x 128 x 128, 8 iters
+bench layer16k 75 --ops layer --seq-lens 16384 --impls $ours reference --warmup 3 --repeats 10
+bench attention64k 75 --ops sinkhorn_attention --seq-lens 65536 --impls $ours sdpa reference --warmup 3 --repeats 10
+bench sinkhorn128 45 --ops sinkhorn --seq-lens 8192 --impls $ours 'sinkhorn_kernels[reference]' reference
+# the wider sweep, as far as time allows (FlexAttention with the same block pattern included)
+bench sweep 120 --seq-lens 1024 4096 16384 --warmup 3 --repeats 10
+step done
+ls -R "$out" | head -40

@@ -1,9 +1,15 @@
 """GPU tests (marker `gpu`, skipped without CUDA): every available backend in bf16 / fp16 / fp32 against the fp32
 reference, with FlashAttention's rule: the error is at most twice the reference's own low-precision error."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+import sinkhorn_kernels as sk
 from sinkhorn_kernels import available_backends, ops
+from sinkhorn_kernels.ops import outputs
+from test_triton import check, plain_sinkhorn
 
 pytestmark = pytest.mark.gpu
 
@@ -11,6 +17,11 @@ BACKENDS = [name for name, (ok, _) in available_backends().items() if ok]
 GRID = [dict(bucket=b, dim_head=d, n_buckets=n, causal=c, n_top=t)
         for b, d, n, c, t in [(32, 32, 7, False, 1), (64, 64, 12, True, 2), (128, 128, 5, False, 4),
                               (64, 128, 9, True, 3), (32, 64, 6, True, 1), (128, 32, 3, False, 2)]]
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    monkeypatch.setattr(outputs, 'FILL', float('nan'))
 
 
 def run(backend, dtype, cfg, q, k, v, null, mask, **extra):
@@ -21,7 +32,7 @@ def run(backend, dtype, cfg, q, k, v, null, mask, **extra):
                                  n_top_buckets=cfg['n_top'], null_kv=null_, q_mask=mask, kv_mask=mask,
                                  backend=backend, **extra)
     out.float().square().sum().backward()
-    return [out] + [t.grad for t in (q_, k_, v_)]
+    return [out] + [t.grad for t in (q_, k_, v_) + (null_ or ())]
 
 
 @pytest.mark.parametrize('cfg', GRID, ids=lambda c: '-'.join(f'{k}{v}' for k, v in c.items()))
@@ -43,7 +54,52 @@ def test_backend_against_fp32_reference(backend, dtype, cfg, extra):
                 tuple(t.double() for t in null), mask, **extra)
     ref_low = run('reference', dtype, cfg, q, k, v, null, mask, **extra)
     ours = run(backend, dtype, cfg, q, k, v, null, mask, **extra)
-    for name, e, r, o in zip(['out', 'dq', 'dk', 'dv'], exact, ref_low, ours):
+    assert all(torch.isfinite(t).all() for t in ours), 'the kernel left NaN or inf in an output'
+    for name, e, r, o in zip(['out', 'dq', 'dk', 'dv', 'dnull_k', 'dnull_v'], exact, ref_low, ours):
         ref_err = (r.double() - e).abs().max().item()
         err = (o.double() - e).abs().max().item()
         assert err <= 2 * ref_err + 1e-6, f'{name}: error {err:.3g} > 2 x reference error {ref_err:.3g}'
+
+
+@pytest.mark.parametrize('n', [7, 100, 1000])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_sinkhorn_normalize_against_fp64_reference(backend, dtype, n):
+    x = torch.randn(6, n, n, device='cuda', dtype=torch.float64)
+    dp = torch.randn(6, n, n, device='cuda', dtype=torch.float64)
+
+    def run(fn, dt):
+        t = x.to(dt).clone().requires_grad_()
+        out = fn(t)
+        out.backward(dp.to(out.dtype))
+        return [out, t.grad]
+
+    exact = run(lambda t: ops.sinkhorn_normalize(t, 8, backend='reference'), torch.float64)
+    ours = run(lambda t: ops.sinkhorn_normalize(t, 8, backend=backend), dtype)
+    check(ours, exact, run(lambda t: plain_sinkhorn(t, 8), dtype), dtype, ['p', 'dx'])
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_compiled_lm_trains_without_graph_breaks(backend):
+    torch.manual_seed(0)
+    model = sk.SinkhornTransformerLM(num_tokens=64, dim=128, depth=2, max_seq_len=512, heads=4, bucket_size=64,
+                                     causal=True, n_top_buckets=2, attn_dropout=0.1).cuda()
+    x = torch.randint(0, 64, (2, 512), device='cuda')
+    loss_of = lambda m: F.cross_entropy(m(x)[:, :-1].transpose(1, 2), x[:, 1:])
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
+    sk.set_backend(backend)
+    try:
+        model.eval()
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-3, rtol=1e-3)
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(6):
+            opt.zero_grad()
+            loss = loss_of(compiled)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        sk.set_backend(None)
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0], losses

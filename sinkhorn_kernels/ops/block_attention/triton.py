@@ -215,6 +215,13 @@ def _pow2(x):
     return max(16, triton.next_power_of_2(x))
 
 
+def _pipeline_stages(block_n, block_d, elem):
+    """Software-pipeline depth of the route loop: each stage buffers one key and one value block in shared
+    memory, and an fp32 128 x 128 pair (128 KB) in three stages would exceed the 227 KB of an H100 (compiled for
+    sm_90: 393 KB forward, 458 KB dQ)."""
+    return max(1, min(3, (192 * 1024) // (2 * block_n * block_d * elem)))
+
+
 class Launch:
     """Sizes, flags and strides shared by the three kernels of one call."""
 
@@ -230,7 +237,8 @@ class Launch:
                          CAUSAL=causal, HAS_NULL=null_k is not None, HAS_QMASK=q_mask is not None,
                          HAS_KVMASK=kv_mask is not None,
                          PRECISION='ieee' if q.dtype == torch.float32 else 'tf32', DROPOUT=dropout_p > 0,
-                         num_warps=4 if _pow2(bs) * _pow2(self.D) <= 64 * 64 else 8)
+                         num_warps=4 if _pow2(bs) * _pow2(self.D) <= 64 * 64 else 8,
+                         num_stages=_pipeline_stages(_pow2(kbs), _pow2(self.D), q.element_size()))
 
     def masks(self, dummy):
         return (self.q_mask if self.q_mask is not None else dummy, self.kv_mask if self.kv_mask is not None else dummy)
