@@ -3,7 +3,9 @@
 # Before: scripts/stage_wheels.sh here; the device call carries .whl and runs `bash scripts/gpu_check.sh`.
 # Installs the project without touching torch (building _C for this GPU only), runs the GPU tests, then the
 # benchmarks of the performance goals (each in its own process, so a crash loses one), then a wider sweep while
-# time is left. Everything lands in ${1:-$OUT}, written as it goes, so a run cut short still reports.
+# time is left. Everything lands in ${1:-$OUT}, written as it goes so that a run cut short still reports, in seven
+# files (the device tool returns eight at most): device.txt, steps.log, gpu_tests.log, bench.log,
+# bench/results.csv + bench/summary.md (all benchmark runs together) and profile.txt (the 16k layer).
 set -uo pipefail
 out=${1:-${OUT:?give an output folder or set OUT}}
 mkdir -p "$out"
@@ -20,21 +22,22 @@ step install
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 SINKHORN_KERNELS_CUDA_ARCHS=$(python3 -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())') \
-  python3 -m pip install --no-build-isolation --no-deps -e . > "$out/install.log" 2>&1 || { tail -30 "$out/install.log"; exit 1; }
+  python3 -m pip install --no-build-isolation --no-deps -e . > /tmp/install.log 2>&1 \
+  || { tail -40 /tmp/install.log | tee -a "$out/steps.log"; exit 1; }
 python3 -c 'import sinkhorn_kernels as sk; print(sk.available_backends())' >> "$out/device.txt" 2>&1
 cat "$out/device.txt"
 
 step tests
 parallel=$(python3 -c 'import xdist' 2>/dev/null && echo '-n 8')
 per_test=$(python3 -c 'import pytest_timeout' 2>/dev/null && echo '--timeout 150')
-timeout 250 python3 -m pytest -q -m gpu tests $parallel $per_test --tb=short -rfE --junitxml "$out/gpu_tests.xml" \
-  2>&1 | tee "$out/gpu_tests.log" | tail -80
+timeout 250 python3 -m pytest -q -m gpu tests $parallel $per_test --tb=short -rfE 2>&1 | tee "$out/gpu_tests.log" \
+  | tail -40
 
-bench() {  # bench NAME SECONDS ARGS...: one benchmark process, its own folder
+bench() {  # bench NAME SECONDS ARGS...: one benchmark process, appending to the shared results
   local name=$1 seconds=$2; shift 2
   step "bench $name"
-  timeout "$seconds" python3 -m sinkhorn_kernels.bench --device cuda --dtype bfloat16 --no-plots --out "$out/bench/$name" \
-    "$@" 2>&1 | grep -v '^benchmarks:' | tee "$out/bench/$name.log" | tail -25
+  timeout "$seconds" python3 -m sinkhorn_kernels.bench --device cuda --dtype bfloat16 --no-plots --out "$out/bench" \
+    "$@" 2>&1 | grep -v '^benchmarks:' | tee -a "$out/bench.log" | tail -25
 }
 mkdir -p "$out/bench"
 ours='sinkhorn_kernels[triton] sinkhorn_kernels[cuda]'
@@ -42,7 +45,28 @@ ours='sinkhorn_kernels[triton] sinkhorn_kernels[cuda]'
 bench layer16k 75 --ops layer --seq-lens 16384 --impls $ours reference --warmup 3 --repeats 10
 bench attention64k 75 --ops sinkhorn_attention --seq-lens 65536 --impls $ours sdpa reference --warmup 3 --repeats 10
 bench sinkhorn128 45 --ops sinkhorn --seq-lens 8192 --impls $ours 'sinkhorn_kernels[reference]' reference
+# where the 16k layer's time goes (kernels and launches), one file
+step profile
+timeout 60 python3 - > "$out/profile.txt" 2>&1 <<'PY'
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import sinkhorn_kernels as sk
+
+layer = sk.SinkhornSelfAttention(512, 64, 16384, heads=8, n_top_buckets=2).cuda().bfloat16()
+x = torch.randn(1, 16384, 512, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+step = lambda: layer(x).float().sum().backward()
+for _ in range(3):
+    step()
+torch.cuda.synchronize()
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=30))
+print(prof.key_averages().table(sort_by='cpu_time_total', row_limit=20))
+PY
 # the wider sweep, as far as time allows (FlexAttention with the same block pattern included)
 bench sweep 120 --seq-lens 1024 4096 16384 --warmup 3 --repeats 10
 step done
-ls -R "$out" | head -40
+ls -R "$out"

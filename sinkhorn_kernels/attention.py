@@ -82,9 +82,11 @@ class SinkhornSelfAttention(nn.Module):
 
     def _runs_fused(self, x):
         """Whether the layer runs as one op, `ops.sinkhorn_self_attention`, which saves memory on the reference
-        backend: self-attention with the attention sort net and top-k routing, in float32 or float64."""
+        backend: self-attention with the attention sort net and top-k routing, in float32 or float64. Not under
+        torch.compile, which traces the composed ops instead (the fused op manages its own buffers in eager code)."""
         return (not self.context_only and self.sort_net is None and (self.non_permutative or self.causal)
-                and x.dtype in (torch.float32, torch.float64) and resolve_backend(None, x.device) == 'reference')
+                and x.dtype in (torch.float32, torch.float64) and resolve_backend(None, x.device) == 'reference'
+                and not torch.compiler.is_compiling())
 
     def forward(self, x, input_mask=None, context=None, context_mask=None):
         b, t, d = x.shape

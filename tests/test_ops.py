@@ -43,8 +43,8 @@ def test_topk_routing_matches_dense_definition_and_gradchecks():
     assert torch.autograd.gradcheck(lambda t: ops.topk_routing(t, 3, 0.5)[1], (s,))
 
 
-def block_case(causal=False, sortcut=False, null=False, masks=False, own=True, kbs=4, rotated=0, K=2):
-    B, H, bs, D, nq = 2, 3, 4, 5, 4
+def block_case(causal=False, sortcut=False, null=False, masks=False, own=True, kbs=4, rotated=0, K=2, bs=4):
+    B, H, D, nq = 2, 3, 5, 4
     nk = nq * bs // kbs if own else 3
     q, k, v = rand(B, H, nq * bs, D), rand(B, H, nk * kbs, D), rand(B, H, nk * kbs, D)
     rows = 1 if sortcut else nq

@@ -8,6 +8,7 @@ import torch
 import sinkhorn_kernels as sk
 from sinkhorn_kernels import ops
 from sinkhorn_kernels.ops import outputs
+from sinkhorn_kernels.ops.block_attention import triton as block_attention_kernels
 from naive import naive_block_attention
 from test_ops import CASES, block_case
 
@@ -59,10 +60,27 @@ def test_sinkhorn_normalize(shape, n_iters, dtype):
     check(ours, exact, run(lambda t: plain_sinkhorn(t, n_iters), dtype), dtype, ['p', 'dx'])
 
 
+@pytest.fixture
+def row_tiles_of_16(monkeypatch):
+    """Query buckets split over programs of 16 rows, as buckets of 128 x 128 are on a GPU."""
+    monkeypatch.setattr(block_attention_kernels, '_row_tile', lambda bs, d, elem: 16)
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
 @pytest.mark.parametrize('case', CASES)
 def test_block_attention(case, dtype):
-    (q, k, v, idx, w), kw = block_case(**CASES[case])
+    compare_block_attention(CASES[case], dtype)
+
+
+@pytest.mark.parametrize('case', ['masks', 'sortcut', 'causal_null_rotated'])
+def test_block_attention_in_row_tiles(case, row_tiles_of_16):
+    # 40 rows in three tiles, the last one reaching past the bucket; causal attention needs equal bucket sizes
+    kbs = 40 if CASES[case].get('causal') else 8
+    compare_block_attention({**CASES[case], 'bs': 40, 'kbs': kbs}, torch.float32)
+
+
+def compare_block_attention(case, dtype):
+    (q, k, v, idx, w), kw = block_case(**case)
     leaves = [q, k, v, w] + list(kw['null_kv'] or ())
     dout = torch.randn_like(q)
 
@@ -122,12 +140,14 @@ def test_model_trains_the_same_on_triton(kw):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
-def test_compile_fullgraph_without_graph_breaks():
-    # attention dropout in training too: its seed stays on the device, so it breaks no graph
+@pytest.mark.parametrize('backend', ['triton', 'reference'])
+def test_compile_fullgraph_without_graph_breaks(backend):
+    # Triton with attention dropout in training too: its seed stays on the device, so it breaks no graph (the
+    # reference draws its masks on the host, a graph break, see the README)
     model = sk.SinkhornTransformerLM(num_tokens=20, dim=32, depth=1, max_seq_len=64, heads=4, bucket_size=16,
-                                     causal=True, attn_dropout=0.1)
+                                     causal=True, attn_dropout=0.1 if backend == 'triton' else 0.0)
     x = torch.randint(0, 20, (1, 64))
-    sk.set_backend('triton')
+    sk.set_backend(backend)
     try:
         torch.manual_seed(3)
         eager = model(x)
@@ -141,8 +161,11 @@ def test_compile_fullgraph_without_graph_breaks():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_dropout_is_seeded_unbiased_and_its_backward_matches_its_forward():
-    (q, k, v, idx, w), kw = block_case(causal=True, null=True, rotated=2, masks=True)
+@pytest.mark.parametrize('tiled', [False, True], ids=['whole_buckets', 'row_tiles'])
+def test_dropout_is_seeded_unbiased_and_its_backward_matches_its_forward(tiled, request):
+    if tiled:
+        request.getfixturevalue('row_tiles_of_16')
+    (q, k, v, idx, w), kw = block_case(causal=True, null=True, rotated=2, masks=True, **(dict(bs=40, kbs=40) if tiled else {}))
     leaves = [t.detach().float() for t in [q, k, v, w, *kw['null_kv']]]
     g = torch.randn(q.shape)
 

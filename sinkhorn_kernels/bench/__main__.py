@@ -114,7 +114,8 @@ def main(argv=None):
         rows += new
     all_rows = read_csv(csv_path) if os.path.exists(csv_path) else []
     with open(os.path.join(args.out, 'summary.md'), 'w') as f:
-        f.write(f'# sinkhorn-kernels benchmark\n\n{describe_machine(args)}\n\n' + summary_markdown(rows))
+        # every row of the CSV: runs that share an output folder add up to one summary
+        f.write(f'# sinkhorn-kernels benchmark\n\n{describe_machine(args)}\n\n' + summary_markdown(all_rows))
         if failures:
             f.write('\n## Not measured\n\n' + ''.join(f'- {x}\n' for x in failures))
     if rows and not args.no_plots:

@@ -48,7 +48,8 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
     require(not causal or (bucket_size == kv_bucket_size and Tq == Tk and own_bucket),
             'causal block attention needs equal query and key lengths and bucket sizes, and own_bucket=True')
     require(0 <= n_rotated_heads <= H, f'n_rotated_heads must be in [0, {H}], got {n_rotated_heads}')
-    require(0 <= dropout_p < 1, f'dropout_p must be in [0, 1), got {dropout_p}')
+    if not 0 <= dropout_p < 1:  # the message only on failure: under torch.compile dropout_p may be symbolic
+        raise ValueError(f'dropout_p must be in [0, 1), got {dropout_p}')
     name = resolve_backend(backend, q.device)
     scale = D ** -0.5 if scale is None else scale
     idx = route_indices.expand(B, H, Nq, -1)
@@ -66,11 +67,15 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
     if dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
         null_kv = None if null_kv is None else tuple(t.float() for t in null_kv)
-    unit_weights = not route_weights.requires_grad and bool((route_weights == 1).all())
+    # shortcuts that look at the routes' values; torch.compile cannot branch on values, so it takes the general path
+    general = torch.compiler.is_compiling()
+    unit_weights = not general and not route_weights.requires_grad and bool((route_weights == 1).all())
+    has_none = general or bool((route_indices < 0).any())
     null_k, null_v = (None, None) if null_kv is None else (t.reshape(H, D) for t in null_kv)
+    # the masks come from a generator seeded on the host: under torch.compile attention dropout breaks the graph
+    seed = int(dropout_seed(dropout_p, q.device)) if dropout_p > 0 else 0
     lay = reference.Layout(Nq, bucket_size, Nk, kv_bucket_size, idx.shape[-1], causal, n_rotated_heads,
-                           null_kv is not None, bool((route_indices < 0).any()), unit_weights, scale, dropout_p,
-                           int(dropout_seed(dropout_p, q.device)))
+                           null_kv is not None, has_none, unit_weights, scale, dropout_p, seed)
     out = reference.block_attention(q, k, v, idx.contiguous(), w.to(q.dtype), null_k, null_v, qm, km, lay)
     return out.to(dtype)
 

@@ -1,6 +1,7 @@
 """Block attention in Triton: FlashAttention-style online softmax over routed blocks loaded by index.
 
-One program per (query bucket, batch x head). Routes are idx/w [B, H, Nq, R] (int32 / fp32; the own bucket, when
+One program per (query bucket row tile, batch x head): a bucket's rows are split into tiles of BLOCK_M when a whole
+bucket of queries with its key, value and score tiles would not fit in shared memory (bucket and head dim 128). Routes are idx/w [B, H, Nq, R] (int32 / fp32; the own bucket, when
 present, is the last route with weight 1); idx == Nk is the learned null bucket, -1 no block. Routed keys and
 values are scaled by their weight inside the kernel: no gathered copy of K/V exists, and no score tensor.
 
@@ -12,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..outputs import new_output
 from .routes import BackwardBuffers, new_attention_output
 
 
@@ -63,16 +65,23 @@ def _bucket_rows(X, b, h, u, sxb, sxh, sxt, sxd, rows, dims, BS, D):
 
 
 @triton.jit
+def _query_tile(BLOCK_M: tl.constexpr, ROW_TILES: tl.constexpr):
+    """(query bucket, the rows of the bucket this program owns) from program id 0."""
+    pid = tl.program_id(0)
+    return pid // ROW_TILES, (pid % ROW_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
 def _fwd(Q, K, V, O, LSE, IDX, W, NK, NV, QM, KM,
          sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
          sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale, p_drop, seed,
          BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
-         HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
-    u = tl.program_id(0)
+         HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+         ROW_TILES: tl.constexpr):
+    u, rows = _query_tile(BLOCK_M, ROW_TILES)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
-    rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     q = _bucket_rows(Q, b, h, u, sqb, sqh, sqt, sqd, rows, dims, BS, D)
@@ -130,11 +139,11 @@ def _bwd_dq(Q, K, V, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
             sdqb, sdqh, sdqt, sdqd, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale, p_drop, seed,
             BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
-            HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
-    u = tl.program_id(0)
+            HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+            ROW_TILES: tl.constexpr):
+    u, rows = _query_tile(BLOCK_M, ROW_TILES)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
-    rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     q = _bucket_rows(Q, b, h, u, sqb, sqh, sqt, sqd, rows, dims, BS, D)
@@ -156,8 +165,10 @@ def _bwd_dq(Q, K, V, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
         # the gradient of the probabilities before dropout: dP = dropout(w dO . v)
         ds = p * (_kept(dp_raw * w, seed, route + j, rows, cols, p_drop, BLOCK_N, DROPOUT) - delta[:, None])
         dq += tl.dot((ds * w).to(k.dtype), k, input_precision=PRECISION)
-        # s = w * s_raw and the values are w * v: d/dw = <ds, s_raw> + <dropout(p), dO v>
-        tl.store(DW + route + j, tl.sum(tl.sum(ds * s_raw + p_kept * dp_raw, axis=1), axis=0))
+        # s = w * s_raw and the values are w * v: d/dw = <ds, s_raw> + <dropout(p), dO v>; one partial sum per
+        # row tile, added up after the kernel (no atomics)
+        tl.store(DW + (route + j) * ROW_TILES + tl.program_id(0) % ROW_TILES,
+                 tl.sum(tl.sum(ds * s_raw + p_kept * dp_raw, axis=1), axis=0))
     tl.store(DQ + b * sdqb + h * sdqh + (u * BS + rows)[:, None] * sdqt + dims[None, :] * sdqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < BS) & (dims[None, :] < D))
 
@@ -168,11 +179,11 @@ def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, 
              sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale,
              p_drop, seed, BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
-             HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+             HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+             ROW_TILES: tl.constexpr):
     n = tl.program_id(0)  # key block; n == Nk is the null block
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
-    rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     k = _load_block(K, NK, n, b, h, skb, skh, skt, skd, Nk, KBS, D, cols, dims, HAS_NULL)
@@ -185,20 +196,22 @@ def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, 
         e = tl.load(READERS + bh * Nq * R + start + r)
         u, j = e // R, e % R
         w = tl.load(W + bh * Nq * R + e)
-        q = _bucket_rows(Q, b, h, u, sqb, sqh, sqt, sqd, rows, dims, BS, D)
-        do = _bucket_rows(DO, b, h, u, sdob, sdoh, sdot, sdod, rows, dims, BS, D)
-        lse = tl.load(LSE + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=float('inf'))
-        delta = tl.load(DELTA + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=0.0)
-        ok = _allowed(rows, cols, u, j, n, h, b, QM, KM, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, BS, KBS,
-                      CAUSAL, HAS_QMASK, HAS_KVMASK)
-        s_raw, p = _scores_and_probs(q, k, w, lse, ok, scale, PRECISION)
         tile = bh * Nq * R + e
-        dv += tl.dot(tl.trans((_kept(p, seed, tile, rows, cols, p_drop, BLOCK_N, DROPOUT) * w).to(do.dtype)), do,
-                     input_precision=PRECISION)
-        dp = _kept(tl.dot(do, tl.trans(v), input_precision=PRECISION) * w, seed, tile, rows, cols, p_drop, BLOCK_N,
-                   DROPOUT)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans((ds * (w * scale)).to(q.dtype)), q, input_precision=PRECISION)
+        for r0 in range(0, ROW_TILES * BLOCK_M, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            q = _bucket_rows(Q, b, h, u, sqb, sqh, sqt, sqd, rows, dims, BS, D)
+            do = _bucket_rows(DO, b, h, u, sdob, sdoh, sdot, sdod, rows, dims, BS, D)
+            lse = tl.load(LSE + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=float('inf'))
+            delta = tl.load(DELTA + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=0.0)
+            ok = _allowed(rows, cols, u, j, n, h, b, QM, KM, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, BS, KBS,
+                          CAUSAL, HAS_QMASK, HAS_KVMASK)
+            s_raw, p = _scores_and_probs(q, k, w, lse, ok, scale, PRECISION)
+            dv += tl.dot(tl.trans((_kept(p, seed, tile, rows, cols, p_drop, BLOCK_N, DROPOUT) * w).to(do.dtype)), do,
+                         input_precision=PRECISION)
+            dp = _kept(tl.dot(do, tl.trans(v), input_precision=PRECISION) * w, seed, tile, rows, cols, p_drop, BLOCK_N,
+                       DROPOUT)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans((ds * (w * scale)).to(q.dtype)), q, input_precision=PRECISION)
     blk_ok = (cols[:, None] < KBS) & (dims[None, :] < D)
     if n < Nk:
         tl.store(DK + b * sdkb + h * sdkh + (n * KBS + cols)[:, None] * sdkt + dims[None, :] * sdkd,
@@ -213,6 +226,12 @@ def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, 
 
 def _pow2(x):
     return max(16, triton.next_power_of_2(x))
+
+
+def _row_tile(bs, d, elem):
+    """Query rows per program: the whole bucket while its query tile is at most 16 KB; fewer rows otherwise (a
+    bf16 bucket of 128 x 128 needs 256 KB of shared memory in the dQ kernel, over the 227 KB of an H100)."""
+    return min(_pow2(bs), max(16, 16384 // (_pow2(d) * elem)))
 
 
 def _pipeline_stages(block_n, block_d, elem):
@@ -233,12 +252,15 @@ class Launch:
         km_strides = (kv_mask.stride(0), kv_mask.stride(1)) if kv_mask is not None else (0, 0)
         self.mask_strides = (*qm_strides, *km_strides)
         self.sizes = (self.H, self.Nq, self.Nk, self.R, n_rotated_heads if causal else 0, scale, dropout_p, seed)
-        self.meta = dict(BS=bs, KBS=kbs, D=self.D, BLOCK_M=_pow2(bs), BLOCK_N=_pow2(kbs), BLOCK_D=_pow2(self.D),
+        block_m = _row_tile(bs, self.D, q.element_size())
+        self.row_tiles = triton.cdiv(bs, block_m)
+        self.meta = dict(BS=bs, KBS=kbs, D=self.D, BLOCK_M=block_m, BLOCK_N=_pow2(kbs), BLOCK_D=_pow2(self.D),
                          CAUSAL=causal, HAS_NULL=null_k is not None, HAS_QMASK=q_mask is not None,
                          HAS_KVMASK=kv_mask is not None,
                          PRECISION='ieee' if q.dtype == torch.float32 else 'tf32', DROPOUT=dropout_p > 0,
                          num_warps=4 if _pow2(bs) * _pow2(self.D) <= 64 * 64 else 8,
-                         num_stages=_pipeline_stages(_pow2(kbs), _pow2(self.D), q.element_size()))
+                         num_stages=_pipeline_stages(_pow2(kbs), _pow2(self.D), q.element_size()),
+                         ROW_TILES=self.row_tiles)
 
     def masks(self, dummy):
         return (self.q_mask if self.q_mask is not None else dummy, self.kv_mask if self.kv_mask is not None else dummy)
@@ -255,7 +277,7 @@ def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n
     out, lse = new_attention_output(q)
     null_k = null_k if null_k is not None else q
     null_v = null_v if null_v is not None else q
-    _fwd[(L.Nq, L.B * L.H)](q, k, v, out, lse, idx, w, null_k, null_v, *L.masks(idx),
+    _fwd[(L.Nq * L.row_tiles, L.B * L.H)](q, k, v, out, lse, idx, w, null_k, null_v, *L.masks(idx),
                             *_strides(q, k, v, out), *L.mask_strides, *L.sizes, **L.meta)
     return out, lse
 
@@ -268,11 +290,13 @@ def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, b
     has_null = null_k is not None
     nk, nv = (null_k, null_v) if has_null else (q, q)
     masks = L.masks(idx)
-    _bwd_dq[(L.Nq, L.B * L.H)](q, k, v, dout, buf.dq, buf.dw, lse, buf.delta, idx, w, nk, nv, *masks,
+    dw_tiles = new_output(torch.empty(*idx.shape, L.row_tiles, device=q.device, dtype=torch.float32))
+    _bwd_dq[(L.Nq * L.row_tiles, L.B * L.H)](q, k, v, dout, buf.dq, dw_tiles, lse, buf.delta, idx, w, nk, nv, *masks,
                                *_strides(q, k, v, dout, buf.dq), *L.mask_strides, *L.sizes, **L.meta)
     _bwd_dkv[(L.Nk + (1 if has_null else 0), L.B * L.H)](
         q, k, v, dout, buf.dk, buf.dv, buf.dnull_k if has_null else buf.dq, buf.dnull_v if has_null else buf.dq, lse,
         buf.delta, idx, w, nk, nv, *masks, buf.readers, buf.start, buf.count, *_strides(q, k, v, dout, buf.dk, buf.dv),
         *L.mask_strides, *L.sizes, **L.meta)
+    torch.sum(dw_tiles, -1, out=buf.dw)
     return buf.grads()
 
