@@ -1,12 +1,9 @@
 """Sinkhorn normalization in Triton: all iterations of one matrix in one program, forward and backward.
 
 Every iterate is x - a_t[i] - b_t[j] for the row offsets a_t = rowLSE(x - b_{t-1}) and column offsets
-b_t = colLSE(x - a_t), so a program iterates only these vectors (kept per iteration, n + m floats each).
-A matrix of up to 128 x 128 stays in registers for all iterations (the routing matrices of typical sequence
-lengths: the kernel then reads it once and is not latency-bound on reloads); a larger one is walked in tiles, so
-any size works and nothing of size n x m is stored but the output. Backward rebuilds each iterate from x and the
-vectors and computes the offsets' gradients in a reverse sweep, with dx accumulated on the way (resident) or in
-one final pass (tiled).
+b_t = colLSE(x - a_t), so a program iterates only these vectors (kept per iteration, n + m floats each) and
+walks the matrix in tiles: any size works, nothing of size n x m is stored but the output. Backward rebuilds
+each iterate from x and the vectors, computes the offsets' gradients in a reverse sweep, then dx in one pass.
 """
 import torch
 import triton
@@ -58,70 +55,6 @@ def _sinkhorn_fwd(X, P, A, B, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr)
             x = tl.load(X + rows[:, None] * m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             b = tl.load(b_last + cols, mask=cols < m, other=0.0)
             tl.store(P + rows[:, None] * m + cols[None, :], tl.exp(x - a[:, None] - b[None, :]), mask=ok)
-
-
-@triton.jit
-def _masked_lse(z, ok, axis: tl.constexpr):
-    """logsumexp of z over `axis` where ok (-inf for an empty line; such lines are masked out later)."""
-    z = tl.where(ok, z, float('-inf'))
-    top = tl.max(z, axis=axis)
-    top = tl.where(top == float('-inf'), 0.0, top)
-    if axis == 1:
-        return top + tl.log(tl.sum(tl.exp(z - top[:, None]), axis=1))
-    return top + tl.log(tl.sum(tl.exp(z - top[None, :]), axis=0))
-
-
-@triton.jit
-def _whole_matrix(g, n, m, BR: tl.constexpr, BC: tl.constexpr):
-    rows = tl.arange(0, BR)
-    cols = tl.arange(0, BC)
-    ok = (rows[:, None] < n) & (cols[None, :] < m)
-    offs = g * n * m + rows[:, None] * m + cols[None, :]
-    return rows, cols, ok, offs
-
-
-@triton.jit
-def _sinkhorn_fwd_resident(X, P, A, B, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr):
-    """_sinkhorn_fwd for a matrix that fits in registers: read once, iterated in place."""
-    g = tl.program_id(0).to(tl.int64)
-    rows, cols, ok, offs = _whole_matrix(g, n, m, BR, BC)
-    x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-    a = tl.zeros([BR], tl.float32)
-    b = tl.zeros([BC], tl.float32)
-    for t in range(n_iters):
-        a = _masked_lse(x - b[None, :], ok, 1)
-        tl.store(A + (g * n_iters + t) * n + rows, a, mask=rows < n)
-        b = _masked_lse(x - a[:, None], ok, 0)
-        tl.store(B + (g * (n_iters + 1) + t + 1) * m + cols, b, mask=cols < m)
-    tl.store(P + offs, tl.exp(x - a[:, None] - b[None, :]), mask=ok)
-
-
-@triton.jit
-def _sinkhorn_bwd_resident(X, P, DP, DX, A, B, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr):
-    """_sinkhorn_bwd for a matrix that fits in registers: the offsets' gradients ga (of a_{t+1}) and gb (of
-    b_{t+1}) are carried backwards through the iterations and dx accumulates on the way."""
-    g = tl.program_id(0).to(tl.int64)
-    rows, cols, ok, offs = _whole_matrix(g, n, m, BR, BC)
-    x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-    dx = tl.load(DP + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(P + offs, mask=ok, other=0.0)
-    # P = exp(x - a_T - b_T)
-    ga = -tl.sum(dx, axis=1)
-    gb = -tl.sum(dx, axis=0)
-    for s in range(n_iters):
-        t = n_iters - 1 - s
-        a = tl.load(A + (g * n_iters + t) * n + rows, mask=rows < n, other=0.0)
-        b_prev = tl.load(B + (g * (n_iters + 1) + t) * m + cols, mask=cols < m, other=0.0)
-        b = tl.load(B + (g * (n_iters + 1) + t + 1) * m + cols, mask=cols < m, other=0.0)
-        # column step b_{t+1} = colLSE(x - a_{t+1})
-        c = tl.where(ok, tl.exp(x - a[:, None] - b[None, :]), 0.0) * gb[None, :]
-        dx += c
-        ga -= tl.sum(c, axis=1)
-        # row step a_{t+1} = rowLSE(x - b_t); a_t only feeds the column step before it
-        r = tl.where(ok, tl.exp(x - a[:, None] - b_prev[None, :]), 0.0) * ga[:, None]
-        dx += r
-        gb = -tl.sum(r, axis=0)
-        ga = tl.zeros([BR], tl.float32)
-    tl.store(DX + offs, dx, mask=ok)
 
 
 @triton.jit
@@ -213,43 +146,22 @@ def _tiles(n, m):
     return min(64, triton.next_power_of_2(n)), min(128, triton.next_power_of_2(m))
 
 
-RESIDENT_ELEMENTS = 128 * 128
-
-
-def _resident(n, m):
-    """(BR, BC, num_warps) to hold the whole matrix in registers, or None when it is too large."""
-    BR, BC = triton.next_power_of_2(n), triton.next_power_of_2(m)
-    if BR * BC > RESIDENT_ELEMENTS:
-        return None
-    return BR, BC, max(1, min(16, BR * BC // 1024))
-
-
 def forward(x, n_iters):
     """x [G, n, m] contiguous, n_iters >= 1 -> (P fp32, row offsets [G, T, n], column offsets [G, T + 1, m])."""
     G, n, m = x.shape
     p = new_output(torch.empty(G, n, m, device=x.device, dtype=torch.float32))
     a = new_output(torch.empty(G, n_iters, n, device=x.device, dtype=torch.float32))
     b = torch.zeros(G, n_iters + 1, m, device=x.device, dtype=torch.float32)
-    resident = _resident(n, m)
-    if resident:
-        BR, BC, warps = resident
-        _sinkhorn_fwd_resident[(G,)](x, p, a, b, n, m, n_iters, BR=BR, BC=BC, num_warps=warps)
-    else:
-        BR, BC = _tiles(n, m)
-        _sinkhorn_fwd[(G,)](x, p, a, b, n, m, n_iters, BR=BR, BC=BC, num_warps=4)
+    BR, BC = _tiles(n, m)
+    _sinkhorn_fwd[(G,)](x, p, a, b, n, m, n_iters, BR=BR, BC=BC, num_warps=4)
     return p, a, b
 
 
 def backward(dp, x, p, a, b):
     G, n, m = x.shape
     dx = new_output(torch.empty(G, n, m, device=x.device, dtype=torch.float32))
-    resident = _resident(n, m)
-    if resident:
-        BR, BC, warps = resident
-        _sinkhorn_bwd_resident[(G,)](x, p, dp.contiguous(), dx, a, b, n, m, a.shape[1], BR=BR, BC=BC,
-                                     num_warps=warps)
-        return dx
     ga, gb = torch.zeros_like(a), torch.zeros_like(b)
     BR, BC = _tiles(n, m)
     _sinkhorn_bwd[(G,)](x, p, dp.contiguous(), dx, a, b, ga, gb, n, m, a.shape[1], BR=BR, BC=BC, num_warps=4)
     return dx
+
