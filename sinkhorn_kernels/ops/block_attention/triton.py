@@ -1,9 +1,10 @@
 """Block attention in Triton: FlashAttention-style online softmax over routed blocks loaded by index.
 
-One program per (query bucket row tile, batch x head): a bucket's rows are split into tiles of BLOCK_M when a whole
-bucket of queries with its key, value and score tiles would not fit in shared memory (bucket and head dim 128). Routes are idx/w [B, H, Nq, R] (int32 / fp32; the own bucket, when
-present, is the last route with weight 1); idx == Nk is the learned null bucket, -1 no block. Routed keys and
-values are scaled by their weight inside the kernel: no gathered copy of K/V exists, and no score tensor.
+One program per (row tile of a query bucket, batch x head): a bucket's rows are split into tiles of BLOCK_M where
+a whole bucket of queries with its key, value and score tiles would not fit in shared memory (bucket and head dim
+128). Routes are idx/w [B, H, Nq, R] (int32 / fp32; the own bucket, when present, is the last route with weight
+1); idx == Nk is the learned null bucket, -1 no block. Routed keys and values are scaled by their weight inside
+the kernel: no gathered copy of K/V exists, and no score tensor.
 
 Backward: a dQ kernel (which also gives the route weights' gradients) walks each query bucket's routes; a dK/dV
 kernel walks, for each key block (and the null block), the list of (query bucket, route) that read it, from a
@@ -177,8 +178,8 @@ def _bwd_dq(Q, K, V, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
 def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, READERS, START, COUNT,
              sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod,
              sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale,
-             p_drop, seed, BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
+             p_drop, seed, BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
              HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
              ROW_TILES: tl.constexpr):
     n = tl.program_id(0)  # key block; n == Nk is the null block
@@ -203,13 +204,13 @@ def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, 
             do = _bucket_rows(DO, b, h, u, sdob, sdoh, sdot, sdod, rows, dims, BS, D)
             lse = tl.load(LSE + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=float('inf'))
             delta = tl.load(DELTA + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=0.0)
-            ok = _allowed(rows, cols, u, j, n, h, b, QM, KM, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, BS, KBS,
-                          CAUSAL, HAS_QMASK, HAS_KVMASK)
+            ok = _allowed(rows, cols, u, j, n, h, b, QM, KM, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, BS,
+                          KBS, CAUSAL, HAS_QMASK, HAS_KVMASK)
             s_raw, p = _scores_and_probs(q, k, w, lse, ok, scale, PRECISION)
-            dv += tl.dot(tl.trans((_kept(p, seed, tile, rows, cols, p_drop, BLOCK_N, DROPOUT) * w).to(do.dtype)), do,
-                         input_precision=PRECISION)
-            dp = _kept(tl.dot(do, tl.trans(v), input_precision=PRECISION) * w, seed, tile, rows, cols, p_drop, BLOCK_N,
-                       DROPOUT)
+            p_kept = _kept(p, seed, tile, rows, cols, p_drop, BLOCK_N, DROPOUT)
+            dv += tl.dot(tl.trans((p_kept * w).to(do.dtype)), do, input_precision=PRECISION)
+            dp = _kept(tl.dot(do, tl.trans(v), input_precision=PRECISION) * w, seed, tile, rows, cols, p_drop,
+                       BLOCK_N, DROPOUT)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans((ds * (w * scale)).to(q.dtype)), q, input_precision=PRECISION)
     blk_ok = (cols[:, None] < KBS) & (dims[None, :] < D)
@@ -278,7 +279,7 @@ def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n
     null_k = null_k if null_k is not None else q
     null_v = null_v if null_v is not None else q
     _fwd[(L.Nq * L.row_tiles, L.B * L.H)](q, k, v, out, lse, idx, w, null_k, null_v, *L.masks(idx),
-                            *_strides(q, k, v, out), *L.mask_strides, *L.sizes, **L.meta)
+                                          *_strides(q, k, v, out), *L.mask_strides, *L.sizes, **L.meta)
     return out, lse
 
 
@@ -291,8 +292,9 @@ def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, b
     nk, nv = (null_k, null_v) if has_null else (q, q)
     masks = L.masks(idx)
     dw_tiles = new_output(torch.empty(*idx.shape, L.row_tiles, device=q.device, dtype=torch.float32))
-    _bwd_dq[(L.Nq * L.row_tiles, L.B * L.H)](q, k, v, dout, buf.dq, dw_tiles, lse, buf.delta, idx, w, nk, nv, *masks,
-                               *_strides(q, k, v, dout, buf.dq), *L.mask_strides, *L.sizes, **L.meta)
+    _bwd_dq[(L.Nq * L.row_tiles, L.B * L.H)](
+        q, k, v, dout, buf.dq, dw_tiles, lse, buf.delta, idx, w, nk, nv, *masks, *_strides(q, k, v, dout, buf.dq),
+        *L.mask_strides, *L.sizes, **L.meta)
     _bwd_dkv[(L.Nk + (1 if has_null else 0), L.B * L.H)](
         q, k, v, dout, buf.dk, buf.dv, buf.dnull_k if has_null else buf.dq, buf.dnull_v if has_null else buf.dq, lse,
         buf.delta, idx, w, nk, nv, *masks, buf.readers, buf.start, buf.count, *_strides(q, k, v, dout, buf.dk, buf.dv),
