@@ -50,12 +50,18 @@ def test_fused_layer_equals_composed_ops(cfg, masked, batch, monkeypatch):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-def test_fused_layer_splits_heads_into_units(monkeypatch):
+@pytest.mark.parametrize('chunk', [1, 4 * 12 * 3], ids=['one bucket', 'short last chunk'])
+def test_fused_layer_chunking_does_not_change_results(chunk, monkeypatch):
+    """The chunk workspace is cut to every chunk, a short last one included: results equal one chunk per head."""
+    from sinkhorn_kernels.ops.block_attention import reference
     layer = SinkhornSelfAttention(16, 4, 32, heads=4, dim_head=5, causal=True, n_local_attn_heads=1).double()
     x = torch.randn(2, 32, 16, **f64, requires_grad=True)
-    whole = forward_backward(layer, x, None, True, monkeypatch)
-    monkeypatch.setattr(self_attention, 'UNIT_BYTES', 1)  # one head per unit
-    for a, b in zip(forward_backward(layer, x, None, True, monkeypatch), whole):
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    mask[0, :3] = False
+    monkeypatch.setattr(reference, 'CHUNK_ELEMENTS', 1 << 20)  # every head in one chunk
+    whole = forward_backward(layer, x, mask, True, monkeypatch)
+    monkeypatch.setattr(reference, 'CHUNK_ELEMENTS', chunk)
+    for a, b in zip(forward_backward(layer, x, mask, True, monkeypatch), whole):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 

@@ -144,3 +144,18 @@ def test_local_attention_matches_reference_package():
         ref = LocalAttention(8, causal, look_forward=0 if causal else 1)(q, k, v, input_mask=mask)
         ours = ops.local_attention(q, k, v, window_size=8, causal=causal, kv_mask=mask)
         torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize('cfg', [dict(causal=False), dict(causal=True), dict(causal=False, n_sortcut=2)], ids=str)
+def test_topk_routes_backward_equals_autograd(cfg):
+    """The fused layer's hand-written routing backward against autograd through topk_routes."""
+    from sinkhorn_kernels.ops.sinkhorn_attention import topk_routes, topk_routes_backward
+    n_null = 2 if cfg['causal'] else 0
+    rows = 1 if cfg.get('n_sortcut') else 6
+    scores = torch.randn(2, 3, rows, 6 + n_null, dtype=torch.float64, requires_grad=True)
+    opts = dict(n_top_buckets=2, n_sortcut=cfg.get('n_sortcut', 0), temperature=0.7, n_null=n_null,
+                causal=cfg['causal'])
+    _, w = topk_routes(scores, **opts)
+    d_w = torch.randn_like(w)
+    expected, = torch.autograd.grad(w, scores, d_w)
+    torch.testing.assert_close(topk_routes_backward(scores.detach(), d_w, **opts), expected)

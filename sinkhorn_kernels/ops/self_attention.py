@@ -6,12 +6,16 @@ makes dq, dk, dv and the projections' input gradients as new tensors. Here:
 - heads are processed in groups that share a frame: row t of a group's buffers is token (t + shift) mod T, so
   the causal half-head rotation is a shift of the rows the projections read and write, never a copy; a group's
   q, k, v live in one packed [B, T, 3, Hg, D] buffer, written by one GEMM;
-- backward writes the output projection's input gradient over the attention output, dq over q (a query bucket's
-  q is dead once its gradient is written) and each head range's dk, dv over its k and v (a head's keys are read
-  by no other head), so the packed buffers end as the projections' output gradients: one GEMM gives dx, one the
-  weights' gradient;
+- block attention reads each head's q, k, v in place in those buffers (no contiguous copies), one head at a time;
+- each head's attention output goes through the output projection as it is made, and backward recomputes it
+  (one more batched GEMM per chunk): no attention output of every head is kept;
+- backward writes dq over q (a query bucket's q is dead once its gradient is written) and each head's dk, dv over
+  its k and v (a head's keys are read by no other head), so the packed buffers end as the projections' output
+  gradients: one GEMM gives dx, one the weights' gradient;
 - the routes' gradient reaches q and k through the sort net's bucket summaries, which are linear in q and k: their
-  vector-Jacobian product needs no values of q and k, so it is added last, in place, into the buffers.
+  vector-Jacobian product needs no values of q and k, so it is added last, in place, into the buffers; the top-k
+  routing's gradient is taken by hand (see `_Routes`);
+- the packed buffers and one head's scratch are one allocation, which goes back to the system whole.
 """
 from types import SimpleNamespace
 
@@ -21,10 +25,9 @@ from .._checks import check_bucket_multiple, require
 from .backends import resolve_backend
 from .block_attention import dropout_seed, local_routes, with_own_bucket
 from .block_attention import reference as blocks
-from .sinkhorn_attention import add_sort_summaries_vjp, sort_summaries, summary_scores, topk_routes
-
-# bytes of one head range's contiguous k (and v, dk, dv): larger ranges mean fewer, larger batched GEMMs
-UNIT_BYTES = 8 << 20
+from .outputs import carve
+from .sinkhorn_attention import (add_sort_summaries_vjp, sort_summaries, summary_scores, topk_routes,
+                                 topk_routes_backward)
 
 
 class Group:
@@ -60,57 +63,51 @@ def _groups(heads, n_local, causal, bucket_size):
 
 
 class _Unit:
-    """Heads h0..h1 of a group, few enough that their contiguous k, v, dk, dv copies stay within UNIT_BYTES each:
-    views of their q, k, v and attention output ([B, h, T, D]) in the group's buffers."""
+    """One head of a group: views of its q, k, v ([B, 1, T, D]) in the group's packed buffer."""
 
-    def __init__(self, group, h0, h1, qkv, out, n_local):
-        a, b = h0 - group.h0, h1 - group.h0
-        self.group, self.h0, self.h1 = group, h0, h1
-        self.sinkhorn_heads = slice(h0 - n_local, h1 - n_local)
-        self.q, self.k, self.v = (qkv[:, :, i, a:b].transpose(1, 2) for i in range(3))
-        self.out = out[:, :, a:b].transpose(1, 2)
+    def __init__(self, group, h, qkv, n_local):
+        self.group, self.h0 = group, h
+        self.sinkhorn_heads = slice(h - n_local, h - n_local + 1)
+        self.q, self.k, self.v = (self.head_of(qkv[:, :, i]) for i in range(3))
 
+    def head_of(self, buf):
+        """The head's [B, 1, T, D] view of a group buffer [B, T, Hg, D]."""
+        a = self.h0 - self.group.h0
+        return buf[:, :, a:a + 1].transpose(1, 2)
 
-def _units(cfg, qkv, outs):
-    B, T, _, _, D = qkv[0].shape
-    per = max(1, UNIT_BYTES // (B * T * D * qkv[0].element_size()))
-    return [_Unit(g, h, min(g.h1, h + per), buf, out, cfg.n_local)
-            for g, buf, out in zip(cfg.groups, qkv, outs) for h in range(g.h0, g.h1, per)]
+    def cols(self, D):
+        return slice(self.h0 * D, (self.h0 + 1) * D)
 
 
-def _carve(flat, shapes):
-    """Contiguous tensors of the given shapes, one after the other in `flat`."""
-    views, at = [], 0
-    for shape in shapes:
-        n = torch.Size(shape).numel()
-        views.append(flat[at:at + n].view(shape))
-        at += n
-    return views
+class _Buffers:
+    """Everything that lives from forward to backward, in one allocation: each group's packed q, k, v
+    ([B, T, 3, Hg, D], written by the projections, overwritten by their gradients in backward) and the scratch of
+    one head at a time: its attention output and that output's gradient in the group's frame (`out`, `d_out`,
+    [B, T, 1, D]), contiguous key and value gradients (`dk`, `dv`, [B, 1, T, D]) and the chunk workspace (`work`,
+    sized for backward)."""
+
+    def __init__(self, x, cfg):
+        B, T, _ = x.shape
+        D, inner = cfg.dim_head, cfg.heads * cfg.dim_head
+        kinds = {g.local for g in cfg.groups}
+        n_work = max(blocks.Workspace.numel(_layout(cfg, local), D, backward=True, raw_blocks=True) for local in kinds)
+        head = [(B, T, 1, D), (B, T, 1, D), (B, 1, T, D), (B, 1, T, D)]
+        *self.qkv, self.out, self.d_out, self.dk, self.dv, self.work = carve(
+            x.new_empty(3 * B * T * inner + 4 * B * T * D + n_work),
+            [(B, T, 3, g.h1 - g.h0, D) for g in cfg.groups] + head + [(n_work,)])
 
 
-def _attend(x, w_q, w_kv, null_k, null_v, cfg, seed):
-    """Projections, routes and block attention: the packed q, k, v and attention output buffers of every group."""
-    B, T, _ = x.shape
-    D, inner, G = cfg.dim_head, cfg.heads * cfg.dim_head, len(cfg.groups)
+def _project(x, w_q, w_kv, cfg):
+    """The buffers, with q, k, v projected, the projections' packed weights and the heads."""
+    D, inner = cfg.dim_head, cfg.heads * cfg.dim_head
     cols = lambda g: slice(g.h0 * D, g.h1 * D)
     packed = [torch.cat((w_q[cols(g)], w_kv[:inner][cols(g)], w_kv[inner:][cols(g)])) for g in cfg.groups]
-    # one allocation for every buffer that lives until backward, so that it goes back to the system whole
-    views = _carve(x.new_empty(4 * B * T * inner), [(B, T, 3, g.h1 - g.h0, D) for g in cfg.groups]
-                   + [(B, T, g.h1 - g.h0, D) for g in cfg.groups])
-    qkv, outs = views[:G], views[G:]
-    for g, w, buf in zip(cfg.groups, packed, qkv):
+    bufs = _Buffers(x, cfg)
+    for g, w, buf in zip(cfg.groups, packed, bufs.qkv):
         for f, t in g.rows(buf, x):
             torch.mm(t, w.t(), out=f)
-    units = _units(cfg, qkv, outs)
-    sinkhorn = [u for u in units if not u.group.local]
-    routes = _Routes(cfg, sinkhorn) if sinkhorn else None
-    work = _Workspace(units, 2)
-    for u in units:
-        lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
-        k, v = work.copies(u.k, u.v)
-        mask = u.group.mask(cfg.mask)
-        blocks.forward(lay, u.q, k, v, idx, w, null_k_u, null_v_u, mask, mask, u.out)
-    return qkv, outs, packed, routes
+    units = [_Unit(g, h, buf, cfg.n_local) for g, buf in zip(cfg.groups, bufs.qkv) for h in range(g.h0, g.h1)]
+    return bufs, packed, units
 
 
 class SelfAttentionFunction(torch.autograd.Function):
@@ -118,14 +115,25 @@ class SelfAttentionFunction(torch.autograd.Function):
     def forward(ctx, x, w_q, w_kv, w_out, b_out, null_k, null_v, cfg):
         x = x.contiguous()
         seed = int(dropout_seed(cfg.dropout_p, x.device))
-        qkv, outs, packed, routes = _attend(x, w_q, w_kv, null_k, null_v, cfg, seed)
+        bufs, packed, units = _project(x, w_q, w_kv, cfg)
+        routes = _Routes(cfg, [u for u in units if not u.group.local]) if cfg.n_local < cfg.heads else None
         y = x.new_empty(*x.shape[:2], w_out.shape[0])
-        y.copy_(b_out)
-        for g, o in zip(cfg.groups, outs):
-            for f, t in g.rows(o, y):
-                t.addmm_(f, w_out[:, g.h0 * cfg.dim_head:g.h1 * cfg.dim_head].t())
+        for i, u in enumerate(units):
+            lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
+            mask = u.group.mask(cfg.mask)
+            blocks.forward(lay, u.q, u.k, u.v, idx, w, null_k_u, null_v_u, mask, mask, bufs.out.transpose(1, 2),
+                           blocks.Workspace(lay, u.q, flat=bufs.work))
+            # each head's output goes through the output projection as it is made: no output of every head is
+            # kept for backward, which recomputes it
+            w_u = w_out[:, u.cols(cfg.dim_head)].t()
+            if i == 0:  # the first group has no shift: one pair of row blocks covers every row
+                (f, t), = u.group.rows(bufs.out, y)
+                torch.addmm(b_out, f, w_u, out=t)
+            else:
+                for f, t in u.group.rows(bufs.out, y):
+                    t.addmm_(f, w_u)
         ctx.save_for_backward(x, w_q, w_kv, w_out, null_k, null_v)
-        ctx.cfg, ctx.seed, ctx.buffers = cfg, seed, (qkv, outs, packed, routes)
+        ctx.cfg, ctx.seed, ctx.buffers = cfg, seed, (bufs, packed, units, routes)
         return y
 
     @staticmethod
@@ -134,112 +142,107 @@ class SelfAttentionFunction(torch.autograd.Function):
         cfg = ctx.cfg
         # backward turns the buffers into gradients; a second backward through the same graph rebuilds them
         # (the same dropout seed gives the same masks)
-        qkv, outs, packed, routes = ctx.buffers or _attend(x, w_q, w_kv, null_k, null_v, cfg, ctx.seed)
+        if ctx.buffers is None:
+            bufs, packed, units = _project(x, w_q, w_kv, cfg)
+            routes = _Routes(cfg, [u for u in units if not u.group.local]) if cfg.n_local < cfg.heads else None
+        else:
+            bufs, packed, units, routes = ctx.buffers
         ctx.buffers = None
         D, inner = cfg.dim_head, cfg.heads * cfg.dim_head
         cols = lambda g: slice(g.h0 * D, g.h1 * D)
-
-        d_out = torch.zeros_like(w_out)
-        for g, o in zip(cfg.groups, outs):
-            for f, t in g.rows(o, dy):
-                d_out[:, cols(g)].addmm_(t.t(), f)
-            for f, t in g.rows(o, dy):
-                torch.mm(t, w_out[:, cols(g)], out=f)  # over o: d(attention output)
-        d_b = dy.sum(dim=(0, 1))
-
-        units = _units(cfg, qkv, outs)
+        # every head's GEMMs read dy: an expanded one (a sum's gradient) would be made dense by each of them
+        dy = dy.contiguous()
+        d_w_out, d_b = torch.zeros_like(w_out), dy.sum(dim=(0, 1))
         dw = torch.zeros_like(routes.weights) if routes is not None else None
         d_null = [torch.zeros_like(t) if t is not None else None for t in (null_k, null_v)]
-        work = _Workspace(units, 4)
         for u in units:
-            _unit_backward(cfg, routes, u, null_k, null_v, ctx.seed, work, dw, d_null)
-        del work
+            w_u = w_out[:, u.cols(D)]
+            for f, t in u.group.rows(bufs.d_out, dy):
+                torch.mm(t, w_u, out=f)  # the head's attention output gradient, in its group's frame
+            _unit_backward(cfg, routes, u, null_k, null_v, ctx.seed, bufs, dw, d_null)
+            for f, t in u.group.rows(bufs.out, dy):
+                d_w_out[:, u.cols(D)].addmm_(t.t(), f)
+        del dy  # before the routes' backward, which then takes memory dy leaves
         if routes is not None:
             routes.backward(dw, [u for u in units if not u.group.local])
-        del units, outs
+        del units
 
-        dx = torch.zeros_like(x)
+        dx = x.new_empty(x.shape)
         d_q, d_kv = torch.zeros_like(w_q), torch.zeros_like(w_kv)
-        for g, buf, w in zip(cfg.groups, qkv, packed):
+        for i, (g, buf, w) in enumerate(zip(cfg.groups, bufs.qkv, packed)):
             d_packed = torch.zeros_like(w)
             for f, t in g.rows(buf, x):
                 d_packed.addmm_(f.t(), t)
             for f, t in g.rows(buf, dx):
-                t.addmm_(f, w)
+                t.addmm_(f, w, beta=0 if i == 0 else 1)  # the first group's single pair covers every row of dx
             dq_g, dk_g, dv_g = d_packed.chunk(3)
             d_q[cols(g)], d_kv[:inner][cols(g)], d_kv[inner:][cols(g)] = dq_g, dk_g, dv_g
-        return dx, d_q, d_kv, d_out, d_b, *d_null, None
+        return dx, d_q, d_kv, d_w_out, d_b, *d_null, None
 
 
-def _unit_backward(cfg, routes, u, null_k, null_v, seed, work, dw, d_null):
-    """Overwrites the unit's q, k, v with their gradients (u.out holds the output gradient); fills its part of the
-    route weights' and the null bucket's gradients."""
+def _unit_backward(cfg, routes, u, null_k, null_v, seed, bufs, dw, d_null):
+    """Overwrites the head's q, k, v with their gradients (bufs.d_out holds its output gradient) and recomputes its
+    attention output into bufs.out; fills its part of the route weights' and the null bucket's gradients."""
     lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
-    k, v, dk, dv = work.copies(u.k, u.v, None, None)
+    bufs.dk.zero_()
+    bufs.dv.zero_()
     mask = u.group.mask(cfg.mask)
-    dw_u, dn_k, dn_v = blocks.backward(lay, not u.group.local, u.q, k, v, idx, w, null_k_u, null_v_u, mask, mask,
-                                       u.out, u.q, dk, dv)
-    u.k.copy_(dk)
-    u.v.copy_(dv)
-    if not u.group.local:
+    need_w = not u.group.local
+    ws = blocks.Workspace(lay, u.q, backward=True, raw_blocks=need_w, flat=bufs.work)
+    dw_u, dn_k, dn_v = blocks.backward(lay, need_w, u.q, u.k, u.v, idx, w, null_k_u, null_v_u, mask, mask,
+                                       bufs.d_out.transpose(1, 2), u.q, bufs.dk, bufs.dv, ws,
+                                       out=bufs.out.transpose(1, 2))
+    u.k.copy_(bufs.dk)
+    u.v.copy_(bufs.dv)
+    if need_w:
         dw[:, u.sinkhorn_heads] = dw_u
     if dn_k is not None:
         for d, dn in zip(d_null, (dn_k, dn_v)):
             d[u.sinkhorn_heads] += dn.view_as(d[u.sinkhorn_heads])
 
 
-class _Workspace:
-    """`n` contiguous [B, h, T, D] tensors for the largest unit, allocated once and reused by every unit (k and v
-    copies; in backward also zeroed dk and dv)."""
-
-    def __init__(self, units, n):
-        self.flat = units[0].q.new_empty(n, max(u.q.numel() for u in units))
-
-    def copies(self, *sources):
-        """Contiguous copies of the [B, h, T, D] sources (None: zeros shaped like the first source)."""
-        shape = sources[0].shape
-        n = shape.numel()
-        return [self.flat[i, :n].view(shape).copy_(t) if t is not None else self.flat[i, :n].view(shape).zero_()
-                for i, t in enumerate(sources)]
+def _layout(cfg, local, seed=0, rotated=False):
+    """The block-attention layout of a local or a Sinkhorn head."""
+    if local:
+        return blocks.Layout(cfg.Nq, cfg.bucket_size, cfg.Nq, cfg.bucket_size, cfg.local_idx.shape[-1], cfg.causal, 0,
+                             False, True, True, cfg.scale, cfg.dropout_p, seed)
+    return blocks.Layout(cfg.Nq, cfg.bucket_size, cfg.Nk, cfg.kv_bucket_size, cfg.n_routes, cfg.causal, int(rotated),
+                         cfg.causal, False, False, cfg.scale, cfg.dropout_p, seed)
 
 
 def _unit_layout(cfg, routes, u, null_k, null_v, seed):
-    """The block-attention layout and routes of a unit."""
-    n = u.h1 - u.h0
-    # dropout draws per unit and chunk; units are numbered by their first head
-    unit_seed = seed + u.h0 * (cfg.Nq + 1)
+    """The block-attention layout and routes of a head."""
+    # dropout draws one mask per (batch, chunk) of a head: at most B * Nq draws from each head's seed
+    lay = _layout(cfg, u.group.local, seed + u.h0 * cfg.batch * cfg.Nq, rotated=bool(u.group.shift))
     if u.group.local:
-        idx = cfg.local_idx.expand(cfg.batch, n, -1, -1)
-        w = torch.ones(idx.shape, dtype=cfg.dtype, device=idx.device)
-        lay = blocks.Layout(cfg.Nq, cfg.bucket_size, cfg.Nq, cfg.bucket_size, idx.shape[-1], cfg.causal, 0, False,
-                            True, True, cfg.scale, cfg.dropout_p, unit_seed)
-        return lay, idx, w, None, None
+        idx = cfg.local_idx.expand(cfg.batch, 1, -1, -1)
+        return lay, idx, torch.ones(idx.shape, dtype=cfg.dtype, device=idx.device), None, None
     idx, w = routes.indices[:, u.sinkhorn_heads], routes.weights[:, u.sinkhorn_heads]
-    null = [None if t is None else t[u.sinkhorn_heads].reshape(n, -1) for t in (null_k, null_v)]
-    lay = blocks.Layout(cfg.Nq, cfg.bucket_size, cfg.Nk, cfg.kv_bucket_size, idx.shape[-1], cfg.causal,
-                        n if u.group.shift else 0, cfg.causal, False, False, cfg.scale, cfg.dropout_p, unit_seed)
+    null = [None if t is None else t[u.sinkhorn_heads].reshape(1, -1) for t in (null_k, null_v)]
     return lay, idx, w, *null
 
 
 class _Routes:
-    """The Sinkhorn heads' routes (own bucket appended) and the small graph from the sort net's summaries of q
-    and k to their weights, kept for backward."""
+    """The Sinkhorn heads' routes (own bucket appended) from the sort net's summaries of q and k. Backward takes
+    the route weights' gradient back to the summaries by hand: autograd run inside this Function's backward
+    raised the 16k-token layer's peak memory by ~40 MB."""
 
     def __init__(self, cfg, units):
         self.cfg = cfg
-        with torch.no_grad():
-            summaries = [self.summaries(u) for u in units]
-        with torch.enable_grad():
-            self.sq, self.sk = (torch.cat(s, dim=1).requires_grad_() for s in zip(*summaries))
-            n_null = cfg.n_top if cfg.causal else 0
-            idx, w = topk_routes(summary_scores(self.sq, self.sk, n_null), causal=cfg.causal,
-                                 n_top_buckets=cfg.n_top, n_sortcut=cfg.n_sortcut, temperature=cfg.topk_temperature,
-                                 n_null=n_null)
-            idx, w = idx.expand(cfg.batch, -1, cfg.Nq, -1), w.to(cfg.dtype).expand(cfg.batch, -1, cfg.Nq, -1)
-            if cfg.own_bucket:
-                idx, w = with_own_bucket(idx, w)
-        self.indices, self.graph = idx.contiguous(), w
-        self.weights = w.detach().contiguous()
+        self.sq, self.sk = (torch.cat(s, dim=1) for s in zip(*(self.summaries(u) for u in units)))
+        self.n_null = cfg.n_top if cfg.causal else 0
+        self.scores = summary_scores(self.sq, self.sk, self.n_null)
+        idx, w = topk_routes(self.scores, **self.routing())
+        self.rows = w.shape[2]  # 1 with SortCut: the same routes for every query bucket
+        idx, w = idx.expand(cfg.batch, -1, cfg.Nq, -1), w.expand(cfg.batch, -1, cfg.Nq, -1)
+        if cfg.own_bucket:
+            idx, w = with_own_bucket(idx, w)
+        self.indices, self.weights = idx.contiguous(), w.contiguous()
+
+    def routing(self):
+        cfg = self.cfg
+        return dict(causal=cfg.causal, n_top_buckets=cfg.n_top, n_sortcut=cfg.n_sortcut,
+                    temperature=cfg.topk_temperature, n_null=self.n_null)
 
     def options(self, u):
         cfg = self.cfg
@@ -251,9 +254,14 @@ class _Routes:
 
     def backward(self, dw, units):
         """Adds the routes' gradient `dw` to the units' q and k buffers (which hold dq and dk by now)."""
-        if not self.sq.requires_grad:
-            return
-        d_sq, d_sk = torch.autograd.grad(self.graph, (self.sq, self.sk), dw)
+        if self.cfg.own_bucket:
+            dw = dw[..., :-1]  # the own bucket's weight is the constant 1
+        if self.rows == 1:
+            dw = dw.sum(dim=2, keepdim=True)
+        d_scores = topk_routes_backward(self.scores, dw, **self.routing())[..., self.n_null:]
+        d_scores = d_scores * self.sq.shape[-1] ** -0.5  # summary_scores: scaled dot products
+        d_sq = torch.einsum('bhij,bhjd->bhid', d_scores, self.sk)
+        d_sk = torch.einsum('bhij,bhid->bhjd', d_scores, self.sq)
         for u in units:
             heads = u.sinkhorn_heads
             add_sort_summaries_vjp(d_sq[:, heads], d_sk[:, heads], u.q, u.k, **self.options(u))
@@ -300,5 +308,7 @@ def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, hea
                   topk_temperature=temperature if causal else 1.0, own_bucket=causal or Nq == Nk,
                   mask=input_mask, dropout_p=dropout_p, scale=dim_head ** -0.5, dtype=x.dtype,
                   local_idx=with_own_bucket(local_idx, torch.ones_like(local_idx, dtype=x.dtype))[0])
+    # routes of a Sinkhorn head, its own bucket included: the layouts and the workspace are sized by it
+    cfg.n_routes = (cfg.n_top if causal else min(n_sortcut or n_top_buckets, Nk)) + cfg.own_bucket
     null_k, null_v = null_kv if null_kv is not None and n_local_heads < heads else (None, None)
     return SelfAttentionFunction.apply(x, q_weight, kv_weight, out_weight, out_bias, null_k, null_v, cfg)

@@ -11,6 +11,7 @@ from einops import rearrange
 from .._checks import check_bucket_multiple, require
 from .block_attention import block_attention
 from .routing import topk_routing
+from .routing.reference import topk_routing_backward
 from .sinkhorn import gumbel_sinkhorn
 
 
@@ -120,24 +121,39 @@ def attention_sort_scores(q, k, *, bucket_size, kv_bucket_size, causal, n_sortcu
     return summary_scores(sq, sk, n_null)
 
 
-def causal_routes(scores, n_top, n_null, temperature):
-    """Top-k over the null buckets and the strictly earlier key buckets; null routes become index Nk."""
-    n_buckets = scores.shape[-2]
-    i = torch.arange(n_buckets, device=scores.device)
+def route_scores(scores, causal, n_null):
+    """The scores as top-k sees them: causal, only the null buckets and the strictly earlier key buckets."""
+    if not causal:
+        return scores
+    i = torch.arange(scores.shape[-2], device=scores.device)
     future = i[None, :] >= i[:, None]  # key bucket j is not strictly before query bucket i
-    scores = scores.masked_fill(F.pad(future, (n_null, 0)), float('-inf'))
-    idx, w = topk_routing(scores, n_top, temperature)
-    return torch.where(idx < n_null, scores.shape[-1] - n_null, idx - n_null), w
+    return scores.masked_fill(F.pad(future, (n_null, 0)), float('-inf'))
+
+
+def routes_per_query_bucket(causal, n_top_buckets, n_sortcut, n_key_buckets):
+    return n_top_buckets if causal else min(n_sortcut or n_top_buckets, n_key_buckets)
 
 
 def topk_routes(scores, *, causal, n_top_buckets, n_sortcut, temperature, n_null=0):
-    """Sparse routes from sort-net scores: (indices, weights), [B, H, Nq or 1, K]."""
+    """Sparse routes from sort-net scores: (indices, weights), [B, H, Nq or 1, K]; causal null routes are index
+    Nk."""
+    k = routes_per_query_bucket(causal, n_top_buckets, n_sortcut, scores.shape[-1])
+    idx, w = topk_routing(route_scores(scores, causal, n_null), k, temperature)
     if causal:
-        return causal_routes(scores, n_top_buckets, n_null, temperature)
-    idx, w = topk_routing(scores, min(n_sortcut or n_top_buckets, scores.shape[-1]), temperature)
-    if n_sortcut:
+        return torch.where(idx < n_null, scores.shape[-1] - n_null, idx - n_null), w
+    if n_sortcut:  # every query bucket takes the first n_sortcut picks
         idx, w = (t.flatten(2)[..., None, :n_sortcut] for t in (idx, w))
     return idx, w
+
+
+def topk_routes_backward(scores, d_weights, *, causal, n_top_buckets, n_sortcut, temperature, n_null=0):
+    """The gradient of `topk_routes`' weights [B, H, Nq or 1, K] with respect to the scores, without autograd."""
+    k = routes_per_query_bucket(causal, n_top_buckets, n_sortcut, scores.shape[-1])
+    if n_sortcut and not causal:
+        picks = d_weights.new_zeros(*scores.shape[:-1], k)
+        picks.view(*picks.shape[:2], -1)[..., :d_weights.shape[-1]] = d_weights.flatten(2)
+        d_weights = picks
+    return topk_routing_backward(route_scores(scores, causal, n_null), k, temperature, d_weights)
 
 
 def sinkhorn_attention(q, k, v, *, bucket_size, n_top_buckets=1, causal=False, n_sortcut=0, kv_bucket_size=None,
@@ -182,7 +198,8 @@ def sinkhorn_attention(q, k, v, *, bucket_size, n_top_buckets=1, causal=False, n
                   if sort_net is not None else
                   attention_sort_scores(q, k, causal=True, n_null=n_top, q_mask=q_mask, kv_mask=kv_mask,
                                         bucket_size=bucket_size, kv_bucket_size=kv_bucket_size))
-        idx, w = causal_routes(scores, n_top, scores.shape[-1] - nq, temperature)
+        idx, w = topk_routes(scores, causal=True, n_top_buckets=n_top, n_sortcut=0, temperature=temperature,
+                             n_null=scores.shape[-1] - nq)
         out = block_attention(q, k, v, idx, w.to(q.dtype), causal=True, n_rotated_heads=H - first, null_kv=null_kv,
                               q_mask=q_mask, kv_mask=kv_mask, **common)
         return rotate_heads(out, first, -shift)

@@ -1,21 +1,26 @@
 """Block attention in plain PyTorch, with a FlashAttention-style backward.
 
-q, the output and dq may have any strides (the projections give [B, T, H, D] memory, and the fused layer
-writes dq over q: a chunk's queries are read before its dq is written and never again); k and v are
-contiguous [B, H, T, D], so that every key block is one contiguous row to gather. The caller owns every
-output buffer, so the fused layer can place them in memory it already holds.
+q, k, v, the output and dq may have any strides whose last is 1 (the fused layer passes views of the
+projections' [B, T, 3, H, D] output and writes dq over q: a chunk's queries are read before its dq is written
+and never again); a head's key blocks are read in place as a [Nk, kbs, D] view. dk and dv are accumulated in
+[B, H, Tk, D] buffers whose heads are contiguous (index_add into strided rows is an order of magnitude slower).
+The caller owns every output buffer, so the fused layer can place them in memory it already holds.
 idx, w: [B, H, Nq, K'] routes per query bucket, the own bucket (if any) appended last with weight 1;
 idx == Nk names the learned null bucket (null_k / null_v [H, D] repeated over the block), -1 no block.
-The key/value gradients are accumulated in [B, H, Tk, D] buffers, where one index_add covers all heads.
 
-Query buckets are processed in chunks, so gathered blocks and scores exist for one chunk at a time, and a
-chunk always holds whole rows: backward recomputes the softmax from the scores, so nothing but the inputs is
-saved.
+Each (batch, head) is processed in chunks of query buckets, so gathered blocks and scores exist for one chunk
+at a time, and a chunk always holds whole rows: backward recomputes the softmax from the scores, so nothing but
+the inputs is saved. Every buffer of a chunk is a view of one workspace (see `Workspace`): the chunk loop makes
+no temporaries, so the allocator neither churns nor keeps freed memory, and a chunk small enough to stay in
+cache keeps the batched GEMMs near the CPU's peak.
 """
 import torch
 
-# score elements per chunk: the working set stays a few MB while the batched GEMMs stay large
-CHUNK_ELEMENTS = 1 << 20
+from ..outputs import carve
+
+# score elements per chunk: 21 query buckets of 64 x 192 scores, whose buffers stay in the caches (the batched
+# GEMMs run ~1.5x faster on them than on chunks four times larger)
+CHUNK_ELEMENTS = 1 << 18
 
 
 class Layout:
@@ -29,14 +34,62 @@ class Layout:
         self.unit_weights = unit_weights  # every weight is 1 and needs no gradient: skip the multiplies
         self.scale, self.dropout_p, self.seed = scale, dropout_p, seed
 
-    def chunks(self, B, H):
-        step = max(1, CHUNK_ELEMENTS // (B * H * self.bs * self.n_routes * self.kbs))
-        for n, c0 in enumerate(range(0, self.Nq, step)):
-            yield n, c0, min(self.Nq, c0 + step)
+    def chunk_buckets(self):
+        return max(1, min(self.Nq, CHUNK_ELEMENTS // (self.bs * self.n_routes * self.kbs)))
+
+    def chunks(self):
+        step = self.chunk_buckets()
+        for c0 in range(0, self.Nq, step):
+            yield c0, min(self.Nq, c0 + step)
 
     def dropout_keep(self, shape, chunk, device):
         gen = torch.Generator(device=device).manual_seed(self.seed + chunk)
         return torch.rand(shape, generator=gen, device=device) >= self.dropout_p
+
+
+class Workspace:
+    """The buffers of a chunk of one head, [c, rows, cols] each, carved from one allocation and cut to every chunk.
+
+    q: scaled queries (forward: then the output); k, v: gathered key / value blocks, weighted in place unless
+    backward needs the raw blocks for the route weights' gradient (then kw, vw hold the weighted blocks); s: the
+    scores, then the probabilities. Backward also has do (output gradient), dp (probability, then score
+    gradient) and dq; the weighted blocks' gradients overwrite kw and vw once those are read for the last time.
+    `flat`: memory to carve them from (at least `numel` elements), else allocated here."""
+
+    def __init__(self, lay, like, backward=False, raw_blocks=False, flat=None):
+        specs = self._specs(lay, like.shape[-1], backward, raw_blocks)
+        if flat is None:
+            flat = like.new_empty(self.numel(lay, like.shape[-1], backward, raw_blocks))
+        flats = carve(flat, [(c * r * w,) for _, c, r, w in specs])
+        self.buffers = [(name, buf, r, w) for (name, _, r, w), buf in zip(specs, flats)]
+
+    @staticmethod
+    def _specs(lay, D, backward, raw_blocks):
+        c, L = lay.chunk_buckets(), lay.n_routes * lay.kbs
+        names = [('q', lay.bs, D), ('k', L, D), ('v', L, D), ('s', lay.bs, L)]
+        if raw_blocks:
+            names += [('kw', L, D), ('vw', L, D)]
+        if backward:
+            names += [('do', lay.bs, D), ('dp', lay.bs, L), ('dq', lay.bs, D)]
+        return [(name, c, r, w) for name, r, w in names]
+
+    @classmethod
+    def numel(cls, lay, D, backward=False, raw_blocks=False):
+        return sum(c * r * w for _, c, r, w in cls._specs(lay, D, backward, raw_blocks))
+
+    def cut(self, c):
+        """The buffers of a chunk of c query buckets."""
+        return _Chunk(**{name: buf[:c * r * w].view(c, r, w) for name, buf, r, w in self.buffers})
+
+
+class _Chunk:
+    """A chunk's buffers by name (a plain class: torch.compile traces it); kw, vw are k, v where the raw blocks are
+    not kept."""
+
+    def __init__(self, q, k, v, s, kw=None, vw=None, do=None, dp=None, dq=None):
+        self.q, self.k, self.v, self.s = q, k, v, s
+        self.kw, self.vw = k if kw is None else kw, v if vw is None else vw
+        self.do, self.dp, self.dq = do, dp, dq
 
 
 def new_like_layout(t):
@@ -45,134 +98,167 @@ def new_like_layout(t):
     return t.new_empty(B, T, H, D).transpose(1, 2)
 
 
-def block_rows(lay, idx):
-    """Row of every routed (batch, head, key bucket) in a [B * H * Nk, kbs, D] view: [B * H * c * K']."""
-    B, H = idx.shape[:2]
-    base = (torch.arange(B * H, device=idx.device) * lay.Nk).view(B, H, 1, 1)
-    return (base + idx.clamp(0, lay.Nk - 1)).flatten()
-
-
-def gather(lay, x, null, idx):
-    """Blocks of x [B, H, Tk, D] (contiguous) at idx [B, H, c, K'] -> [B, H, c, K', kbs, D]."""
-    B, H, _, D = x.shape
-    g = x.view(-1, lay.kbs, D).index_select(0, block_rows(lay, idx)).view(*idx.shape, lay.kbs, D)
+def gather(lay, blocks, null, idx, out):
+    """Blocks [Nk, kbs, D] (any strides) at idx [c, K'] into out [c, K', kbs, D] (contiguous); the null bucket is
+    `null` [D] repeated, no block is zeros."""
+    torch.index_select(blocks, 0, idx.clamp(0, lay.Nk - 1).flatten(), out=out.view(-1, lay.kbs, blocks.shape[-1]))
     if lay.has_null:
-        g = torch.where((idx == lay.Nk)[..., None, None], null.view(1, H, 1, 1, 1, -1).to(g.dtype), g)
+        torch.where((idx == lay.Nk)[..., None, None], null.to(out.dtype), out, out=out)
     if lay.has_none:
-        g = g.masked_fill_((idx < 0)[..., None, None], 0)
-    return g
-
-
-def weighted(lay, g, w):
-    """Gathered blocks [B, H, c, K', kbs, D] times their route weights, flattened to [B, H, c, L, D]."""
-    return (g if lay.unit_weights else g * w[..., None, None]).flatten(3, 4)
+        out.masked_fill_((idx < 0)[..., None, None], 0)
 
 
 def block_dots(a, b):
-    """<a, b> per block of [B, H, c, K', kbs, D] tensors (a product and a sum run faster than batched GEMVs)."""
+    """<a, b> per block of [c, K', kbs, D] tensors (a product and a sum run faster than batched GEMVs)."""
     return torch.linalg.vecdot(a.flatten(-2), b.flatten(-2))
 
 
-def scores(lay, q, k, null_k, idx, w, q_mask, kv_mask, c0, c1):
-    """Scaled scores of query buckets c0..c1 against their routes, masked: [B, H, c, bs, L]; plus the raw and
-    weighted gathered keys and the scaled queries, which backward reuses."""
+def mask_scores(lay, s, idx, q_mask, kv_mask, rotated, c0, c1):
+    """Masks the scores [c, bs, K' * kbs] of query buckets c0..c1 of one (batch, head) in place; returns whether
+    any may be masked. idx [c, K']; masks [T] or None; `rotated`: the head is in the rotated causal frame."""
     bs, kbs = lay.bs, lay.kbs
-    qc = q[:, :, c0 * bs:c1 * bs].unflatten(2, (c1 - c0, bs)) * lay.scale
-    idx_c, w_c = idx[:, :, c0:c1], w[:, :, c0:c1]
-    k_raw = gather(lay, k, null_k, idx_c)
-    k_w = weighted(lay, k_raw, w_c)
-    s = qc @ k_w.transpose(-1, -2)
     masked = False
     if kv_mask is not None or lay.has_none:
-        allowed = (idx_c >= 0)[..., None].expand(*idx_c.shape, kbs)
+        allowed = (idx >= 0)[..., None].expand(*idx.shape, kbs)
         if kv_mask is not None:
-            B, H = q.shape[:2]
-            b = torch.arange(B, device=q.device).view(B, 1, 1, 1)
-            h = torch.arange(kv_mask.shape[1], device=q.device).view(1, -1, 1, 1)
-            km = kv_mask.unflatten(2, (lay.Nk, kbs))[b, h, idx_c.clamp(0, lay.Nk - 1)]
-            allowed = allowed & (km | (idx_c == lay.Nk)[..., None])
-        s.masked_fill_(~allowed.flatten(3)[:, :, :, None, :], float('-inf'))
+            real = kv_mask.view(lay.Nk, kbs)[idx.clamp(0, lay.Nk - 1)]
+            allowed = allowed & (real | (idx == lay.Nk)[..., None])
+        s.masked_fill_(~allowed.flatten(1)[:, None, :], float('-inf'))
         masked = True
     if q_mask is not None:
-        s.masked_fill_(~q_mask[:, :, c0 * bs:c1 * bs].unflatten(2, (c1 - c0, bs))[..., None], float('-inf'))
+        s.masked_fill_(~q_mask[c0 * bs:c1 * bs].view(c1 - c0, bs, 1), float('-inf'))
         masked = True
     if lay.causal:
-        own = s[..., -kbs:]
-        own.masked_fill_(torch.ones(bs, kbs, dtype=torch.bool, device=s.device).triu(1), float('-inf'))
-        if lay.n_rotated_heads and c1 == lay.Nq:
+        s[..., -kbs:].masked_fill_(torch.ones(bs, kbs, dtype=torch.bool, device=s.device).triu(1), float('-inf'))
+        if rotated and c1 == lay.Nq:
             # rotated heads: the last bucket's rows 1.. are the wrapped-around first tokens of the sequence;
             # they see only their own earlier tokens, not the routed blocks nor key 0 (the last token)
-            s[:, -lay.n_rotated_heads:, -1, 1:, :s.shape[-1] - kbs + 1] = float('-inf')
-    return s, masked, qc, k_raw, k_w
+            s[-1, 1:, :s.shape[-1] - kbs + 1] = float('-inf')
+    return masked
 
 
-def probabilities(s, masked):
-    p = torch.softmax(s, dim=-1)
-    if masked:
-        p = p.masked_fill_((s == float('-inf')).all(dim=-1, keepdim=True), 0)  # no visible key: attend to nothing
-    return p
+class _Head:
+    """One (batch, head) of the inputs: [T, D] rows of q, key / value blocks [Nk, kbs, D], its routes, masks and
+    null bucket."""
+
+    def __init__(self, lay, b, h, H, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask):
+        D = q.shape[-1]
+        per_head = lambda m: None if m is None else m[b, h if m.shape[1] > 1 else 0]
+        self.q = q[b, h]
+        self.k, self.v = k[b, h].view(lay.Nk, lay.kbs, D), v[b, h].view(lay.Nk, lay.kbs, D)
+        self.idx, self.w = idx[b, h], w[b, h]
+        self.null_k, self.null_v = (None if t is None else t[h] for t in (null_k, null_v))
+        self.q_mask, self.kv_mask = per_head(q_mask), per_head(kv_mask)
+        self.rotated = h >= H - lay.n_rotated_heads
 
 
-def forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out):
+def heads(lay, q, *inputs):
+    """The (batch, head) pairs of a call, numbered, each with its chunks: (n, b, h, head, c0, c1), n counting
+    chunks over the whole call (dropout draws one mask per chunk)."""
+    B, H = q.shape[:2]
+    n = 0
+    for b in range(B):
+        for h in range(H):
+            head = _Head(lay, b, h, H, q, *inputs)
+            for c0, c1 in lay.chunks():
+                yield n, b, h, head, c0, c1
+                n += 1
+
+
+def probabilities(lay, ws, head, c0, c1):
+    """The softmax of query buckets c0..c1 of one head over their routes, in the chunk's cut of the workspace:
+    b.q the scaled queries, b.k / b.v the gathered blocks (b.kw / b.vw weighted), b.s the probabilities
+    [c, bs, K' * kbs]."""
+    bs, c = lay.bs, c1 - c0
+    b = ws.cut(c)
+    idx, w = head.idx[c0:c1], head.w[c0:c1]
+    torch.mul(head.q[c0 * bs:c1 * bs].view(b.q.shape), lay.scale, out=b.q)
+    for blocks, null, raw, weighted in ((head.k, head.null_k, b.k, b.kw), (head.v, head.null_v, b.v, b.vw)):
+        raw, weighted = raw.view(*idx.shape, lay.kbs, -1), weighted.view(*idx.shape, lay.kbs, -1)
+        gather(lay, blocks, null, idx, raw)
+        if weighted is not raw or not lay.unit_weights:
+            torch.mul(raw, w[..., None, None], out=weighted)
+    torch.bmm(b.q, b.kw.transpose(1, 2), out=b.s)
+    if mask_scores(lay, b.s, idx, head.q_mask, head.kv_mask, head.rotated, c0, c1):
+        dead = b.s.amax(dim=-1, keepdim=True) == float('-inf')  # no visible key: attend to nothing
+        torch.softmax(b.s, -1, out=b.s)
+        b.s.masked_fill_(dead, 0)
+    else:
+        torch.softmax(b.s, -1, out=b.s)
+    return b
+
+
+def dropped(lay, p, n):
+    """The probabilities after attention dropout of chunk n (scaled to keep their sum's expectation), and the
+    kept mask (None without dropout)."""
+    if lay.dropout_p == 0:
+        return p, None
+    keep = lay.dropout_keep(p.shape, n, p.device)
+    return p * keep / (1 - lay.dropout_p), keep
+
+
+def forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, ws=None):
     """Writes the attention output into `out` [B, H, Tq, D]."""
-    B, H = q.shape[:2]
-    for n, c0, c1 in lay.chunks(B, H):
-        s, masked, _, _, _ = scores(lay, q, k, null_k, idx, w, q_mask, kv_mask, c0, c1)
-        p = probabilities(s, masked)
-        if lay.dropout_p > 0:
-            p = p * lay.dropout_keep(p.shape, n, p.device) / (1 - lay.dropout_p)
-        v_w = weighted(lay, gather(lay, v, null_v, idx[:, :, c0:c1]), w[:, :, c0:c1])
-        out[:, :, c0 * lay.bs:c1 * lay.bs] = (p @ v_w).flatten(2, 3)
+    ws = ws or Workspace(lay, q)
+    bs = lay.bs
+    for n, b_, h, head, c0, c1 in heads(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask):
+        b = probabilities(lay, ws, head, c0, c1)
+        torch.bmm(dropped(lay, b.s, n)[0], b.vw, out=b.q)  # the scaled queries are dead: the output takes their place
+        out[b_, h, c0 * bs:c1 * bs] = b.q.view(-1, b.q.shape[-1])
 
 
-def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout, dq, dk, dv):
-    """Writes dq (which may be q itself) and adds into dk, dv (contiguous [B, H, Tk, D]); returns the gradients
-    of the route weights (if `need_w`) and of the null bucket."""
-    B, H = q.shape[:2]
-    bs, kbs, Nk = lay.bs, lay.kbs, lay.Nk
+def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout, dq, dk, dv, ws=None, out=None):
+    """Writes dq (which may be q itself: a chunk's queries are read before its dq is written) and adds into dk, dv
+    ([B, H, Tk, D], each head's [Tk, D] contiguous); with `out`, also writes the attention output there again (for
+    callers that did not keep it). Returns the gradients of the route weights (if `need_w`) and of the null
+    bucket."""
+    bs, kbs, Nk, D = lay.bs, lay.kbs, lay.Nk, q.shape[-1]
     dw = torch.zeros_like(w) if need_w else None
     dnull_k = torch.zeros_like(null_k) if null_k is not None else None
     dnull_v = torch.zeros_like(null_v) if null_v is not None else None
-    for n, c0, c1 in lay.chunks(B, H):
-        c = c1 - c0
-        s, masked, qc, k_raw, k_w = scores(lay, q, k, null_k, idx, w, q_mask, kv_mask, c0, c1)
-        p = probabilities(s, masked)
-        idx_c, w_c = idx[:, :, c0:c1], w[:, :, c0:c1]
-        v_raw = gather(lay, v, null_v, idx_c)
-        v_w = weighted(lay, v_raw, w_c)
-        doc = dout[:, :, c0 * bs:c1 * bs].unflatten(2, (c, bs)).contiguous()
-        dp = doc @ v_w.transpose(-1, -2)
-        if lay.dropout_p > 0:
-            keep = lay.dropout_keep(p.shape, n, p.device)
-            dv_w = (p * keep).transpose(-1, -2) @ doc / (1 - lay.dropout_p)
-            dp = dp * keep / (1 - lay.dropout_p)
-        else:
-            dv_w = p.transpose(-1, -2) @ doc
-        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
-        dq[:, :, c0 * bs:c1 * bs] = (ds @ k_w).mul_(lay.scale).flatten(2, 3)
-        dk_w = (ds.transpose(-1, -2) @ qc).unflatten(3, (-1, kbs))
-        dv_w = dv_w.unflatten(3, (-1, kbs))
+    ws = ws or Workspace(lay, q, backward=True, raw_blocks=need_w)
+    for n, b_, h, head, c0, c1 in heads(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask):
+        b = probabilities(lay, ws, head, c0, c1)
+        idx_c, w_c = head.idx[c0:c1], head.w[c0:c1]
+        blocks = lambda t: t.view(*idx_c.shape, kbs, D)
+        p = b.s
+        p_kept, keep = dropped(lay, p, n)
+        if out is not None:
+            torch.bmm(p_kept, b.vw, out=b.dq)  # dq's buffer is free until dq
+            out[b_, h, c0 * bs:c1 * bs] = b.dq.view(-1, D)
+        b.do.copy_(dout[b_, h, c0 * bs:c1 * bs].view(b.do.shape))
+        torch.bmm(b.do, b.vw.transpose(1, 2), out=b.dp)
+        # the weighted values and keys are read for the last time below: their gradients take their place
+        torch.bmm(p_kept.transpose(1, 2), b.do, out=b.vw)
+        if keep is not None:
+            b.dp.mul_(keep).div_(1 - lay.dropout_p)
+        ds = torch._softmax_backward_data(b.dp, p, -1, p.dtype, grad_input=b.dp)
+        torch.bmm(ds, b.kw, out=b.dq)
+        dq[b_, h, c0 * bs:c1 * bs] = b.dq.mul_(lay.scale).view(-1, D)
+        torch.bmm(ds.transpose(1, 2), b.q, out=b.kw)
+        dk_w, dv_w = blocks(b.kw), blocks(b.vw)
         if dw is not None:
-            dw[:, :, c0:c1] = block_dots(dk_w, k_raw) + block_dots(dv_w, v_raw)
+            dw[b_, h, c0:c1] = block_dots(dk_w, blocks(b.k)) + block_dots(dv_w, blocks(b.v))
         if not lay.unit_weights:
-            dk_w, dv_w = dk_w.mul_(w_c[..., None, None]), dv_w.mul_(w_c[..., None, None])
+            dk_w.mul_(w_c[..., None, None])
+            dv_w.mul_(w_c[..., None, None])
         if lay.has_null:
             is_null = (idx_c == Nk).to(dk_w.dtype)
-            dnull_k += torch.einsum('bhcjsd,bhcj->hd', dk_w, is_null)
-            dnull_v += torch.einsum('bhcjsd,bhcj->hd', dv_w, is_null)
+            dnull_k[h] += torch.einsum('cjsd,cj->d', dk_w, is_null)
+            dnull_v[h] += torch.einsum('cjsd,cj->d', dv_w, is_null)
         if lay.has_null or lay.has_none:
             real = ((idx_c >= 0) & (idx_c < Nk))[..., None, None]
-            dk_w, dv_w = dk_w * real, dv_w * real
-        rows = block_rows(lay, idx_c)
-        dk.view(-1, kbs, k.shape[3]).index_add_(0, rows, dk_w.flatten(0, 3))
-        dv.view(-1, kbs, v.shape[3]).index_add_(0, rows, dv_w.flatten(0, 3))
+            dk_w.mul_(real)
+            dv_w.mul_(real)
+        rows = idx_c.clamp(0, Nk - 1).flatten()
+        dk[b_, h].view(Nk, kbs, D).index_add_(0, rows, b.kw.view(-1, kbs, D))
+        dv[b_, h].view(Nk, kbs, D).index_add_(0, rows, b.vw.view(-1, kbs, D))
     return dw, dnull_k, dnull_v
 
 
 class BlockAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, lay):
-        k, v = k.contiguous(), v.contiguous()
         ctx.save_for_backward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask)
         ctx.lay = lay
         out = new_like_layout(q)
@@ -182,7 +268,8 @@ class BlockAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, idx, w, null_k, null_v, q_mask, kv_mask = ctx.saved_tensors
-        dq, dk, dv = new_like_layout(q), torch.zeros_like(k), torch.zeros_like(v)
+        dq = new_like_layout(q)
+        dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
         dw, dnk, dnv = backward(ctx.lay, ctx.needs_input_grad[4], q, k, v, idx, w, null_k, null_v, q_mask, kv_mask,
                                 dout, dq, dk, dv)
         return dq, dk, dv, None, dw, dnk, dnv, None, None, None
