@@ -3,5 +3,5 @@
 # the reference's layer, each measured in a fresh process (peak RSS). Writes into ${1:-benchmarks/results/cpu-layer-16k}.
 set -euo pipefail
 out=${1:-benchmarks/results/cpu-layer-16k}
-python -m sinkhorn_kernels.bench --device cpu --ops layer --seq-lens 16384 --warmup 1 --repeats 3 \
+python -m sinkhorn_kernels.bench --device cpu --ops layer --seq-lens 16384 --warmup 1 --repeats 5 \
   --impls reference 'sinkhorn_kernels[reference]' --out "$out"

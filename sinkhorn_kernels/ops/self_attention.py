@@ -82,18 +82,19 @@ class _Unit:
 class _Buffers:
     """Everything that lives from forward to backward, in one allocation: each group's packed q, k, v
     ([B, T, 3, Hg, D], written by the projections, overwritten by their gradients in backward) and the scratch of
-    one head at a time: its attention output and that output's gradient in the group's frame (`out`, `d_out`,
-    [B, T, 1, D]), contiguous key and value gradients (`dk`, `dv`, [B, 1, T, D]) and the chunk workspace (`work`,
-    sized for backward)."""
+    one head at a time: its attention output in the group's frame (`out`, [B, T, 1, D]; in backward first that
+    output's gradient, which the recomputed output overwrites chunk by chunk), contiguous key and value gradients
+    (`dk`, `dv`, [B, 1, T, D]) and the chunk workspace (`work`, sized for backward)."""
 
     def __init__(self, x, cfg):
         B, T, _ = x.shape
         D, inner = cfg.dim_head, cfg.heads * cfg.dim_head
         kinds = {g.local for g in cfg.groups}
-        n_work = max(blocks.Workspace.numel(_layout(cfg, local), D, backward=True, raw_blocks=True) for local in kinds)
-        head = [(B, T, 1, D), (B, T, 1, D), (B, 1, T, D), (B, 1, T, D)]
-        *self.qkv, self.out, self.d_out, self.dk, self.dv, self.work = carve(
-            x.new_empty(3 * B * T * inner + 4 * B * T * D + n_work),
+        n_work = max(blocks.Workspace.numel(_layout(cfg, local), D, backward=True, raw_blocks=True, device=x.device)
+                     for local in kinds)
+        head = [(B, T, 1, D), (B, 1, T, D), (B, 1, T, D)]
+        *self.qkv, self.out, self.dk, self.dv, self.work = carve(
+            x.new_empty(3 * B * T * inner + 3 * B * T * D + n_work),
             [(B, T, 3, g.h1 - g.h0, D) for g in cfg.groups] + head + [(n_work,)])
 
 
@@ -157,7 +158,7 @@ class SelfAttentionFunction(torch.autograd.Function):
         d_null = [torch.zeros_like(t) if t is not None else None for t in (null_k, null_v)]
         for u in units:
             w_u = w_out[:, u.cols(D)]
-            for f, t in u.group.rows(bufs.d_out, dy):
+            for f, t in u.group.rows(bufs.out, dy):
                 torch.mm(t, w_u, out=f)  # the head's attention output gradient, in its group's frame
             _unit_backward(cfg, routes, u, null_k, null_v, ctx.seed, bufs, dw, d_null)
             for f, t in u.group.rows(bufs.out, dy):
@@ -181,8 +182,8 @@ class SelfAttentionFunction(torch.autograd.Function):
 
 
 def _unit_backward(cfg, routes, u, null_k, null_v, seed, bufs, dw, d_null):
-    """Overwrites the head's q, k, v with their gradients (bufs.d_out holds its output gradient) and recomputes its
-    attention output into bufs.out; fills its part of the route weights' and the null bucket's gradients."""
+    """Overwrites the head's q, k, v with their gradients and its output gradient in bufs.out with its recomputed
+    attention output; fills its part of the route weights' and the null bucket's gradients."""
     lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
     bufs.dk.zero_()
     bufs.dv.zero_()
@@ -190,7 +191,7 @@ def _unit_backward(cfg, routes, u, null_k, null_v, seed, bufs, dw, d_null):
     need_w = not u.group.local
     ws = blocks.Workspace(lay, u.q, backward=True, raw_blocks=need_w, flat=bufs.work)
     dw_u, dn_k, dn_v = blocks.backward(lay, need_w, u.q, u.k, u.v, idx, w, null_k_u, null_v_u, mask, mask,
-                                       bufs.d_out.transpose(1, 2), u.q, bufs.dk, bufs.dv, ws,
+                                       bufs.out.transpose(1, 2), u.q, bufs.dk, bufs.dv, ws,
                                        out=bufs.out.transpose(1, 2))
     u.k.copy_(bufs.dk)
     u.v.copy_(bufs.dv)

@@ -18,9 +18,11 @@ import torch
 
 from ..outputs import carve
 
-# score elements per chunk: 21 query buckets of 64 x 192 scores, whose buffers stay in the caches (the batched
-# GEMMs run ~1.5x faster on them than on chunks four times larger)
+# score elements per chunk. CPU: 21 query buckets of 64 x 192 scores, whose buffers stay in the caches (the
+# batched GEMMs run ~1.5x faster on them than on chunks four times larger). CUDA, where this backend is the
+# ground truth of the GPU tests: larger chunks, since each chunk costs some forty kernel launches
 CHUNK_ELEMENTS = 1 << 18
+CUDA_CHUNK_ELEMENTS = 1 << 22
 
 
 class Layout:
@@ -34,11 +36,12 @@ class Layout:
         self.unit_weights = unit_weights  # every weight is 1 and needs no gradient: skip the multiplies
         self.scale, self.dropout_p, self.seed = scale, dropout_p, seed
 
-    def chunk_buckets(self):
-        return max(1, min(self.Nq, CHUNK_ELEMENTS // (self.bs * self.n_routes * self.kbs)))
+    def chunk_buckets(self, device):
+        elements = CUDA_CHUNK_ELEMENTS if device.type == 'cuda' else CHUNK_ELEMENTS
+        return max(1, min(self.Nq, elements // (self.bs * self.n_routes * self.kbs)))
 
-    def chunks(self):
-        step = self.chunk_buckets()
+    def chunks(self, device):
+        step = self.chunk_buckets(device)
         for c0 in range(0, self.Nq, step):
             yield c0, min(self.Nq, c0 + step)
 
@@ -57,15 +60,15 @@ class Workspace:
     `flat`: memory to carve them from (at least `numel` elements), else allocated here."""
 
     def __init__(self, lay, like, backward=False, raw_blocks=False, flat=None):
-        specs = self._specs(lay, like.shape[-1], backward, raw_blocks)
+        specs = self._specs(lay, like.shape[-1], backward, raw_blocks, like.device)
         if flat is None:
-            flat = like.new_empty(self.numel(lay, like.shape[-1], backward, raw_blocks))
+            flat = like.new_empty(self.numel(lay, like.shape[-1], backward, raw_blocks, like.device))
         flats = carve(flat, [(c * r * w,) for _, c, r, w in specs])
         self.buffers = [(name, buf, r, w) for (name, _, r, w), buf in zip(specs, flats)]
 
     @staticmethod
-    def _specs(lay, D, backward, raw_blocks):
-        c, L = lay.chunk_buckets(), lay.n_routes * lay.kbs
+    def _specs(lay, D, backward, raw_blocks, device):
+        c, L = lay.chunk_buckets(device), lay.n_routes * lay.kbs
         names = [('q', lay.bs, D), ('k', L, D), ('v', L, D), ('s', lay.bs, L)]
         if raw_blocks:
             names += [('kw', L, D), ('vw', L, D)]
@@ -74,8 +77,8 @@ class Workspace:
         return [(name, c, r, w) for name, r, w in names]
 
     @classmethod
-    def numel(cls, lay, D, backward=False, raw_blocks=False):
-        return sum(c * r * w for _, c, r, w in cls._specs(lay, D, backward, raw_blocks))
+    def numel(cls, lay, D, backward=False, raw_blocks=False, device=torch.device('cpu')):
+        return sum(c * r * w for _, c, r, w in cls._specs(lay, D, backward, raw_blocks, device))
 
     def cut(self, c):
         """The buffers of a chunk of c query buckets."""
@@ -160,7 +163,7 @@ def heads(lay, q, *inputs):
     for b in range(B):
         for h in range(H):
             head = _Head(lay, b, h, H, q, *inputs)
-            for c0, c1 in lay.chunks():
+            for c0, c1 in lay.chunks(q.device):
                 yield n, b, h, head, c0, c1
                 n += 1
 
@@ -210,7 +213,7 @@ def forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, ws=None)
 def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout, dq, dk, dv, ws=None, out=None):
     """Writes dq (which may be q itself: a chunk's queries are read before its dq is written) and adds into dk, dv
     ([B, H, Tk, D], each head's [Tk, D] contiguous); with `out`, also writes the attention output there again (for
-    callers that did not keep it). Returns the gradients of the route weights (if `need_w`) and of the null
+    callers that did not keep it; `out` may be `dout`, whose rows each chunk reads first). Returns the gradients of the route weights (if `need_w`) and of the null
     bucket."""
     bs, kbs, Nk, D = lay.bs, lay.kbs, lay.Nk, q.shape[-1]
     dw = torch.zeros_like(w) if need_w else None
@@ -223,10 +226,10 @@ def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout
         blocks = lambda t: t.view(*idx_c.shape, kbs, D)
         p = b.s
         p_kept, keep = dropped(lay, p, n)
-        if out is not None:
+        b.do.copy_(dout[b_, h, c0 * bs:c1 * bs].view(b.do.shape))
+        if out is not None:  # after the chunk's rows of dout are read: out may be dout itself
             torch.bmm(p_kept, b.vw, out=b.dq)  # dq's buffer is free until dq
             out[b_, h, c0 * bs:c1 * bs] = b.dq.view(-1, D)
-        b.do.copy_(dout[b_, h, c0 * bs:c1 * bs].view(b.do.shape))
         torch.bmm(b.do, b.vw.transpose(1, 2), out=b.dp)
         # the weighted values and keys are read for the last time below: their gradients take their place
         torch.bmm(p_kept.transpose(1, 2), b.do, out=b.vw)
