@@ -26,8 +26,8 @@ from .backends import resolve_backend
 from .block_attention import dropout_seed, local_routes, with_own_bucket
 from .block_attention import reference as blocks
 from .outputs import carve
-from .sinkhorn_attention import (add_sort_summaries_vjp, sort_summaries, summary_scores, topk_routes,
-                                 topk_routes_backward)
+from .sinkhorn_attention import (add_sort_summaries_vjp, routes_per_query_bucket, sort_summaries, summary_scores,
+                                 topk_routes, topk_routes_backward)
 
 
 class Group:
@@ -99,7 +99,8 @@ class _Buffers:
 
 
 def _project(x, w_q, w_kv, cfg):
-    """The buffers, with q, k, v projected, the projections' packed weights and the heads."""
+    """The buffers, with q, k, v projected, the projections' packed weights, the heads and the Sinkhorn heads'
+    routes (None without Sinkhorn heads)."""
     D, inner = cfg.dim_head, cfg.heads * cfg.dim_head
     cols = lambda g: slice(g.h0 * D, g.h1 * D)
     packed = [torch.cat((w_q[cols(g)], w_kv[:inner][cols(g)], w_kv[inner:][cols(g)])) for g in cfg.groups]
@@ -108,7 +109,8 @@ def _project(x, w_q, w_kv, cfg):
         for f, t in g.rows(buf, x):
             torch.mm(t, w.t(), out=f)
     units = [_Unit(g, h, buf, cfg.n_local) for g, buf in zip(cfg.groups, bufs.qkv) for h in range(g.h0, g.h1)]
-    return bufs, packed, units
+    sinkhorn = [u for u in units if not u.group.local]
+    return bufs, packed, units, _Routes(cfg, sinkhorn) if sinkhorn else None
 
 
 class SelfAttentionFunction(torch.autograd.Function):
@@ -116,8 +118,7 @@ class SelfAttentionFunction(torch.autograd.Function):
     def forward(ctx, x, w_q, w_kv, w_out, b_out, null_k, null_v, cfg):
         x = x.contiguous()
         seed = int(dropout_seed(cfg.dropout_p, x.device))
-        bufs, packed, units = _project(x, w_q, w_kv, cfg)
-        routes = _Routes(cfg, [u for u in units if not u.group.local]) if cfg.n_local < cfg.heads else None
+        bufs, packed, units, routes = _project(x, w_q, w_kv, cfg)
         y = x.new_empty(*x.shape[:2], w_out.shape[0])
         for i, u in enumerate(units):
             lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
@@ -143,11 +144,7 @@ class SelfAttentionFunction(torch.autograd.Function):
         cfg = ctx.cfg
         # backward turns the buffers into gradients; a second backward through the same graph rebuilds them
         # (the same dropout seed gives the same masks)
-        if ctx.buffers is None:
-            bufs, packed, units = _project(x, w_q, w_kv, cfg)
-            routes = _Routes(cfg, [u for u in units if not u.group.local]) if cfg.n_local < cfg.heads else None
-        else:
-            bufs, packed, units, routes = ctx.buffers
+        bufs, packed, units, routes = ctx.buffers or _project(x, w_q, w_kv, cfg)
         ctx.buffers = None
         D, inner = cfg.dim_head, cfg.heads * cfg.dim_head
         cols = lambda g: slice(g.h0 * D, g.h1 * D)
@@ -163,9 +160,9 @@ class SelfAttentionFunction(torch.autograd.Function):
             _unit_backward(cfg, routes, u, null_k, null_v, ctx.seed, bufs, dw, d_null)
             for f, t in u.group.rows(bufs.out, dy):
                 d_w_out[:, u.cols(D)].addmm_(t.t(), f)
-        del dy  # before the routes' backward, which then takes memory dy leaves
+        del dy  # dead from here
         if routes is not None:
-            routes.backward(dw, [u for u in units if not u.group.local])
+            routes.backward(dw)
         del units
 
         dx = x.new_empty(x.shape)
@@ -229,7 +226,7 @@ class _Routes:
     raised the 16k-token layer's peak memory by ~40 MB."""
 
     def __init__(self, cfg, units):
-        self.cfg = cfg
+        self.cfg, self.units = cfg, units
         self.sq, self.sk = (torch.cat(s, dim=1) for s in zip(*(self.summaries(u) for u in units)))
         self.n_null = cfg.n_top if cfg.causal else 0
         self.scores = summary_scores(self.sq, self.sk, self.n_null)
@@ -253,8 +250,8 @@ class _Routes:
     def summaries(self, u):
         return sort_summaries(u.q, u.k, **self.options(u))
 
-    def backward(self, dw, units):
-        """Adds the routes' gradient `dw` to the units' q and k buffers (which hold dq and dk by now)."""
+    def backward(self, dw):
+        """Adds the routes' gradient `dw` to the Sinkhorn heads' q and k buffers (which hold dq and dk by now)."""
         if self.cfg.own_bucket:
             dw = dw[..., :-1]  # the own bucket's weight is the constant 1
         if self.rows == 1:
@@ -263,7 +260,7 @@ class _Routes:
         d_scores = d_scores * self.sq.shape[-1] ** -0.5  # summary_scores: scaled dot products
         d_sq = torch.einsum('bhij,bhjd->bhid', d_scores, self.sk)
         d_sk = torch.einsum('bhij,bhid->bhjd', d_scores, self.sq)
-        for u in units:
+        for u in self.units:
             heads = u.sinkhorn_heads
             add_sort_summaries_vjp(d_sq[:, heads], d_sk[:, heads], u.q, u.k, **self.options(u))
 
@@ -310,6 +307,6 @@ def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, hea
                   mask=input_mask, dropout_p=dropout_p, scale=dim_head ** -0.5, dtype=x.dtype,
                   local_idx=with_own_bucket(local_idx, torch.ones_like(local_idx, dtype=x.dtype))[0])
     # routes of a Sinkhorn head, its own bucket included: the layouts and the workspace are sized by it
-    cfg.n_routes = (cfg.n_top if causal else min(n_sortcut or n_top_buckets, Nk)) + cfg.own_bucket
+    cfg.n_routes = routes_per_query_bucket(causal, cfg.n_top, n_sortcut, Nk) + cfg.own_bucket
     null_k, null_v = null_kv if null_kv is not None and n_local_heads < heads else (None, None)
     return SelfAttentionFunction.apply(x, q_weight, kv_weight, out_weight, out_bias, null_k, null_v, cfg)

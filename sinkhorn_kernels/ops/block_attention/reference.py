@@ -93,6 +93,7 @@ class _Chunk:
         self.q, self.k, self.v, self.s = q, k, v, s
         self.kw, self.vw = k if kw is None else kw, v if vw is None else vw
         self.do, self.dp, self.dq = do, dp, dq
+        self.rows = None  # set by `probabilities`
 
 
 def new_like_layout(t):
@@ -101,10 +102,15 @@ def new_like_layout(t):
     return t.new_empty(B, T, H, D).transpose(1, 2)
 
 
-def gather(lay, blocks, null, idx, out):
-    """Blocks [Nk, kbs, D] (any strides) at idx [c, K'] into out [c, K', kbs, D] (contiguous); the null bucket is
-    `null` [D] repeated, no block is zeros."""
-    torch.index_select(blocks, 0, idx.clamp(0, lay.Nk - 1).flatten(), out=out.view(-1, lay.kbs, blocks.shape[-1]))
+def block_rows(lay, idx):
+    """Row of every route of idx [c, K'] in a head's [Nk, kbs, D] blocks (the null bucket and no block: any)."""
+    return idx.clamp(0, lay.Nk - 1).flatten()
+
+
+def gather(lay, blocks, null, idx, rows, out):
+    """Blocks [Nk, kbs, D] (any strides) at idx [c, K'] (`rows` = block_rows) into out [c, K', kbs, D]
+    (contiguous); the null bucket is `null` [D] repeated, no block is zeros."""
+    torch.index_select(blocks, 0, rows, out=out.view(-1, lay.kbs, blocks.shape[-1]))
     if lay.has_null:
         torch.where((idx == lay.Nk)[..., None, None], null.to(out.dtype), out, out=out)
     if lay.has_none:
@@ -171,14 +177,15 @@ def heads(lay, q, *inputs):
 def probabilities(lay, ws, head, c0, c1):
     """The softmax of query buckets c0..c1 of one head over their routes, in the chunk's cut of the workspace:
     b.q the scaled queries, b.k / b.v the gathered blocks (b.kw / b.vw weighted), b.s the probabilities
-    [c, bs, K' * kbs]."""
+    [c, bs, K' * kbs]; b.rows the routed blocks' rows."""
     bs, c = lay.bs, c1 - c0
     b = ws.cut(c)
     idx, w = head.idx[c0:c1], head.w[c0:c1]
+    b.rows = block_rows(lay, idx)
     torch.mul(head.q[c0 * bs:c1 * bs].view(b.q.shape), lay.scale, out=b.q)
     for blocks, null, raw, weighted in ((head.k, head.null_k, b.k, b.kw), (head.v, head.null_v, b.v, b.vw)):
         raw, weighted = raw.view(*idx.shape, lay.kbs, -1), weighted.view(*idx.shape, lay.kbs, -1)
-        gather(lay, blocks, null, idx, raw)
+        gather(lay, blocks, null, idx, b.rows, raw)
         if weighted is not raw or not lay.unit_weights:
             torch.mul(raw, w[..., None, None], out=weighted)
     torch.bmm(b.q, b.kw.transpose(1, 2), out=b.s)
@@ -213,8 +220,8 @@ def forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, ws=None)
 def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout, dq, dk, dv, ws=None, out=None):
     """Writes dq (which may be q itself: a chunk's queries are read before its dq is written) and adds into dk, dv
     ([B, H, Tk, D], each head's [Tk, D] contiguous); with `out`, also writes the attention output there again (for
-    callers that did not keep it; `out` may be `dout`, whose rows each chunk reads first). Returns the gradients of the route weights (if `need_w`) and of the null
-    bucket."""
+    callers that did not keep it; `out` may be `dout`, whose rows each chunk reads first). Returns the gradients
+    of the route weights (if `need_w`) and of the null bucket."""
     bs, kbs, Nk, D = lay.bs, lay.kbs, lay.Nk, q.shape[-1]
     dw = torch.zeros_like(w) if need_w else None
     dnull_k = torch.zeros_like(null_k) if null_k is not None else None
@@ -253,9 +260,8 @@ def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout
             real = ((idx_c >= 0) & (idx_c < Nk))[..., None, None]
             dk_w.mul_(real)
             dv_w.mul_(real)
-        rows = idx_c.clamp(0, Nk - 1).flatten()
-        dk[b_, h].view(Nk, kbs, D).index_add_(0, rows, b.kw.view(-1, kbs, D))
-        dv[b_, h].view(Nk, kbs, D).index_add_(0, rows, b.vw.view(-1, kbs, D))
+        dk[b_, h].view(Nk, kbs, D).index_add_(0, b.rows, b.kw.view(-1, kbs, D))
+        dv[b_, h].view(Nk, kbs, D).index_add_(0, b.rows, b.vw.view(-1, kbs, D))
     return dw, dnull_k, dnull_v
 
 
