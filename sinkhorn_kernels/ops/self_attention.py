@@ -7,15 +7,17 @@ makes dq, dk, dv and the projections' input gradients as new tensors. Here:
   the causal half-head rotation is a shift of the rows the projections read and write, never a copy; a group's
   q, k, v live in one packed [B, T, 3, Hg, D] buffer, written by one GEMM;
 - block attention reads each head's q, k, v in place in those buffers (no contiguous copies), one head at a time;
-- each head's attention output goes through the output projection as it is made, and backward recomputes it
-  (one more batched GEMM per chunk): no attention output of every head is kept;
+- the attention output is kept in the group's frame ([B, T, Hg, D]) for one output-projection GEMM per group;
+  backward overwrites it with its own gradient, made from a few rows of the incoming gradient at a time (a
+  sum's gradient is an expanded tensor, which would otherwise be made dense whole);
 - backward writes dq over q (a query bucket's q is dead once its gradient is written) and each head's dk, dv over
   its k and v (a head's keys are read by no other head), so the packed buffers end as the projections' output
   gradients: one GEMM gives dx, one the weights' gradient;
 - the routes' gradient reaches q and k through the sort net's bucket summaries, which are linear in q and k: their
   vector-Jacobian product needs no values of q and k, so it is added last, in place, into the buffers; the top-k
   routing's gradient is taken by hand (see `_Routes`);
-- the packed buffers and one head's scratch are one allocation, which goes back to the system whole.
+- forward's chunk workspace lives in y's memory until y is written; backward's scratch is one allocation of at
+  least 32 MiB (see `UNMAPPED_ON_FREE`).
 """
 from types import SimpleNamespace
 
@@ -28,6 +30,16 @@ from .block_attention import reference as blocks
 from .outputs import carve
 from .sinkhorn_attention import (add_sort_summaries_vjp, routes_per_query_bucket, sort_summaries, summary_scores,
                                  topk_routes, topk_routes_backward)
+
+
+# rows of the output's gradient made dense at a time: the gradient of a sum is an expanded tensor, which the
+# output projection's GEMMs cannot read, and a dense copy of all of it would take 32 MB at 16k tokens
+DY_ROWS = 2048
+
+
+# glibc maps a block of more than 32 MiB (its largest mmap threshold) on its own and unmaps it when freed; freeing a
+# smaller mapped block raises the threshold to its size, and the heap then keeps every later buffer below it
+UNMAPPED_ON_FREE = (32 << 20) + 1
 
 
 class Group:
@@ -63,54 +75,92 @@ def _groups(heads, n_local, causal, bucket_size):
 
 
 class _Unit:
-    """One head of a group: views of its q, k, v ([B, 1, T, D]) in the group's packed buffer."""
+    """One head of a group: views of its q, k, v and attention output ([B, 1, T, D]) in the group's buffers."""
 
-    def __init__(self, group, h, qkv, n_local):
+    def __init__(self, group, h, qkv, out, n_local):
         self.group, self.h0 = group, h
         self.sinkhorn_heads = slice(h - n_local, h - n_local + 1)
         self.q, self.k, self.v = (self.head_of(qkv[:, :, i]) for i in range(3))
+        self.out = self.head_of(out)
 
     def head_of(self, buf):
         """The head's [B, 1, T, D] view of a group buffer [B, T, Hg, D]."""
         a = self.h0 - self.group.h0
         return buf[:, :, a:a + 1].transpose(1, 2)
 
-    def cols(self, D):
-        return slice(self.h0 * D, (self.h0 + 1) * D)
-
 
 class _Buffers:
-    """Everything that lives from forward to backward, in one allocation: each group's packed q, k, v
-    ([B, T, 3, Hg, D], written by the projections, overwritten by their gradients in backward) and the scratch of
-    one head at a time: its attention output in the group's frame (`out`, [B, T, 1, D]; in backward first that
-    output's gradient, which the recomputed output overwrites chunk by chunk), contiguous key and value gradients
-    (`dk`, `dv`, [B, 1, T, D]) and the chunk workspace (`work`, sized for backward)."""
+    """What lives from forward to backward, in two allocations: each group's packed q, k, v ([B, T, 3, Hg, D],
+    written by the projections, overwritten by their gradients in backward), and each group's attention output
+    ([B, T, Hg, D], overwritten by its gradient in backward), which goes back before the input's gradient is
+    made."""
 
     def __init__(self, x, cfg):
         B, T, _ = x.shape
         D, inner = cfg.dim_head, cfg.heads * cfg.dim_head
-        kinds = {g.local for g in cfg.groups}
-        n_work = max(blocks.Workspace.numel(_layout(cfg, local), D, backward=True, raw_blocks=True, device=x.device)
-                     for local in kinds)
-        head = [(B, T, 1, D), (B, 1, T, D), (B, 1, T, D)]
-        *self.qkv, self.out, self.dk, self.dv, self.work = carve(
-            x.new_empty(3 * B * T * inner + 3 * B * T * D + n_work),
-            [(B, T, 3, g.h1 - g.h0, D) for g in cfg.groups] + head + [(n_work,)])
+        sizes = [g.h1 - g.h0 for g in cfg.groups]
+        self.qkv = carve(x.new_empty(3 * B * T * inner), [(B, T, 3, n, D) for n in sizes])
+        self.out = carve(x.new_empty(B * T * inner), [(B, T, n, D) for n in sizes])
+
+
+def _workspace_numel(cfg, x, backward):
+    """Elements of a chunk workspace that serves every head."""
+    return max(blocks.Workspace.numel(_layout(cfg, local), cfg.dim_head, backward=backward, raw_blocks=backward,
+                                      device=x.device) for local in {g.local for g in cfg.groups})
+
+
+class _Scratch:
+    """Backward's scratch, one allocation: the dense rows of the output's gradient, then one head's dk, dv
+    ([B, 1, T, D]) and the chunk workspace. On CPU it asks for at least UNMAPPED_ON_FREE bytes, of which only those
+    used are ever touched (unless deterministic mode fills new memory): the memory goes back to the system, and
+    the allocator's threshold stays where it was."""
+
+    def __init__(self, x, cfg):
+        B, T, dim = x.shape
+        D, n_work = cfg.dim_head, _workspace_numel(cfg, x, backward=True)
+        n = max(DY_ROWS * dim, 2 * B * T * D + n_work)
+        self.flat = x.new_empty(max(n, -(-UNMAPPED_ON_FREE // x.element_size())) if x.is_cpu else n)
+        self.dk, self.dv, self.work = carve(self.flat, [(B, 1, T, D), (B, 1, T, D), (n_work,)])
+
+
+def _packed_weights(cfg, w_q, w_kv):
+    """Each group's q, k and v projection weights, stacked (rebuilt in backward rather than kept)."""
+    inner = _inner(cfg)
+    return [torch.cat((w_q[_cols(cfg, g)], w_kv[:inner][_cols(cfg, g)], w_kv[inner:][_cols(cfg, g)]))
+            for g in cfg.groups]
 
 
 def _project(x, w_q, w_kv, cfg):
-    """The buffers, with q, k, v projected, the projections' packed weights, the heads and the Sinkhorn heads'
-    routes (None without Sinkhorn heads)."""
-    D, inner = cfg.dim_head, cfg.heads * cfg.dim_head
-    cols = lambda g: slice(g.h0 * D, g.h1 * D)
-    packed = [torch.cat((w_q[cols(g)], w_kv[:inner][cols(g)], w_kv[inner:][cols(g)])) for g in cfg.groups]
+    """The buffers, with q, k, v projected, the heads and the Sinkhorn heads' routes (None without Sinkhorn
+    heads)."""
     bufs = _Buffers(x, cfg)
-    for g, w, buf in zip(cfg.groups, packed, bufs.qkv):
+    for g, w, buf in zip(cfg.groups, _packed_weights(cfg, w_q, w_kv), bufs.qkv):
         for f, t in g.rows(buf, x):
             torch.mm(t, w.t(), out=f)
-    units = [_Unit(g, h, buf, cfg.n_local) for g, buf in zip(cfg.groups, bufs.qkv) for h in range(g.h0, g.h1)]
+    units = [_Unit(g, h, qkv, out, cfg.n_local)
+             for g, qkv, out in zip(cfg.groups, bufs.qkv, bufs.out) for h in range(g.h0, g.h1)]
     sinkhorn = [u for u in units if not u.group.local]
-    return bufs, packed, units, _Routes(cfg, sinkhorn) if sinkhorn else None
+    return bufs, units, _Routes(cfg, sinkhorn) if sinkhorn else None
+
+
+def _inner(cfg):
+    return cfg.heads * cfg.dim_head
+
+
+def _cols(cfg, g):
+    """The group's columns of the concatenated heads."""
+    return slice(g.h0 * cfg.dim_head, g.h1 * cfg.dim_head)
+
+
+def _attend(x, w_q, w_kv, null_k, null_v, cfg, seed, work):
+    """`_project`, then every head's attention output into the buffers; `work`: memory for the chunk workspace."""
+    bufs, units, routes = _project(x, w_q, w_kv, cfg)
+    for u in units:
+        lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
+        mask = u.group.mask(cfg.mask)
+        blocks.forward(lay, u.q, u.k, u.v, idx, w, null_k_u, null_v_u, mask, mask, u.out,
+                       blocks.Workspace(lay, u.q, flat=work))
+    return bufs, units, routes
 
 
 class SelfAttentionFunction(torch.autograd.Function):
@@ -118,24 +168,22 @@ class SelfAttentionFunction(torch.autograd.Function):
     def forward(ctx, x, w_q, w_kv, w_out, b_out, null_k, null_v, cfg):
         x = x.contiguous()
         seed = int(dropout_seed(cfg.dropout_p, x.device))
-        bufs, packed, units, routes = _project(x, w_q, w_kv, cfg)
+        # the chunk workspace lives in y's memory until the output projection writes y
         y = x.new_empty(*x.shape[:2], w_out.shape[0])
-        for i, u in enumerate(units):
-            lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
-            mask = u.group.mask(cfg.mask)
-            blocks.forward(lay, u.q, u.k, u.v, idx, w, null_k_u, null_v_u, mask, mask, bufs.out.transpose(1, 2),
-                           blocks.Workspace(lay, u.q, flat=bufs.work))
-            # each head's output goes through the output projection as it is made: no output of every head is
-            # kept for backward, which recomputes it
-            w_u = w_out[:, u.cols(cfg.dim_head)].t()
+        n_work = _workspace_numel(cfg, x, backward=False)
+        work = y.view(-1) if y.numel() >= n_work else x.new_empty(n_work)
+        bufs, units, routes = _attend(x, w_q, w_kv, null_k, null_v, cfg, seed, work)
+        del work
+        for i, (g, out) in enumerate(zip(cfg.groups, bufs.out)):
+            w_g = w_out[:, _cols(cfg, g)].t()
             if i == 0:  # the first group has no shift: one pair of row blocks covers every row
-                (f, t), = u.group.rows(bufs.out, y)
-                torch.addmm(b_out, f, w_u, out=t)
+                (f, t), = g.rows(out, y)
+                torch.addmm(b_out, f, w_g, out=t)
             else:
-                for f, t in u.group.rows(bufs.out, y):
-                    t.addmm_(f, w_u)
+                for f, t in g.rows(out, y):
+                    t.addmm_(f, w_g)
         ctx.save_for_backward(x, w_q, w_kv, w_out, null_k, null_v)
-        ctx.cfg, ctx.seed, ctx.buffers = cfg, seed, (bufs, packed, units, routes)
+        ctx.cfg, ctx.seed, ctx.buffers = cfg, seed, (bufs, units, routes)
         return y
 
     @staticmethod
@@ -144,54 +192,78 @@ class SelfAttentionFunction(torch.autograd.Function):
         cfg = ctx.cfg
         # backward turns the buffers into gradients; a second backward through the same graph rebuilds them
         # (the same dropout seed gives the same masks)
-        bufs, packed, units, routes = ctx.buffers or _project(x, w_q, w_kv, cfg)
+        scratch = _Scratch(x, cfg)
+        bufs, units, routes = ctx.buffers or _attend(x, w_q, w_kv, null_k, null_v, cfg, ctx.seed, scratch.work)
         ctx.buffers = None
-        D, inner = cfg.dim_head, cfg.heads * cfg.dim_head
-        cols = lambda g: slice(g.h0 * D, g.h1 * D)
-        # every head's GEMMs read dy: an expanded one (a sum's gradient) would be made dense by each of them
-        dy = dy.contiguous()
-        d_w_out, d_b = torch.zeros_like(w_out), dy.sum(dim=(0, 1))
-        dw = torch.zeros_like(routes.weights) if routes is not None else None
-        d_null = [torch.zeros_like(t) if t is not None else None for t in (null_k, null_v)]
-        for u in units:
-            w_u = w_out[:, u.cols(D)]
-            for f, t in u.group.rows(bufs.out, dy):
-                torch.mm(t, w_u, out=f)  # the head's attention output gradient, in its group's frame
-            _unit_backward(cfg, routes, u, null_k, null_v, ctx.seed, bufs, dw, d_null)
-            for f, t in u.group.rows(bufs.out, dy):
-                d_w_out[:, u.cols(D)].addmm_(t.t(), f)
-        del dy  # dead from here
-        if routes is not None:
-            routes.backward(dw)
-        del units
-
-        dx = x.new_empty(x.shape)
-        d_q, d_kv = torch.zeros_like(w_q), torch.zeros_like(w_kv)
-        for i, (g, buf, w) in enumerate(zip(cfg.groups, bufs.qkv, packed)):
-            d_packed = torch.zeros_like(w)
-            for f, t in g.rows(buf, x):
-                d_packed.addmm_(f.t(), t)
-            for f, t in g.rows(buf, dx):
-                t.addmm_(f, w, beta=0 if i == 0 else 1)  # the first group's single pair covers every row of dx
-            dq_g, dk_g, dv_g = d_packed.chunk(3)
-            d_q[cols(g)], d_kv[:inner][cols(g)], d_kv[inner:][cols(g)] = dq_g, dk_g, dv_g
+        d_w_out, d_b = _output_backward(cfg, bufs, dy, w_out, scratch)
+        del dy
+        d_null = _attention_backward(cfg, bufs, units, routes, null_k, null_v, ctx.seed, scratch)
+        # the attention output's gradient is dead (units and routes hold views of it): its memory goes back before
+        # dx is made
+        del units, routes, scratch
+        bufs.out = None
+        dx, d_q, d_kv = _input_backward(cfg, bufs, x, w_q, w_kv)
         return dx, d_q, d_kv, d_w_out, d_b, *d_null, None
 
 
-def _unit_backward(cfg, routes, u, null_k, null_v, seed, bufs, dw, d_null):
-    """Overwrites the head's q, k, v with their gradients and its output gradient in bufs.out with its recomputed
-    attention output; fills its part of the route weights' and the null bucket's gradients."""
+def _attention_backward(cfg, bufs, units, routes, null_k, null_v, seed, scratch):
+    """Overwrites the packed q, k, v with the gradients of the projections' outputs, routes included; returns the
+    null bucket's gradients."""
+    dw = torch.zeros_like(routes.weights) if routes is not None else None
+    d_null = [torch.zeros_like(t) if t is not None else None for t in (null_k, null_v)]
+    for u in units:
+        _unit_backward(cfg, routes, u, null_k, null_v, seed, scratch, dw, d_null)
+    if routes is not None:
+        routes.backward(dw)
+    return d_null
+
+
+def _input_backward(cfg, bufs, x, w_q, w_kv):
+    """dx and the q and kv projections' weight gradients from the packed gradients of their outputs."""
+    dx = x.new_empty(x.shape)
+    d_q, d_kv = torch.zeros_like(w_q), torch.zeros_like(w_kv)
+    inner = _inner(cfg)
+    for i, (g, buf, w) in enumerate(zip(cfg.groups, bufs.qkv, _packed_weights(cfg, w_q, w_kv))):
+        d_packed = torch.zeros_like(w)
+        for f, t in g.rows(buf, x):
+            d_packed.addmm_(f.t(), t)
+        for f, t in g.rows(buf, dx):
+            t.addmm_(f, w, beta=0 if i == 0 else 1)  # the first group's single pair covers every row of dx
+        dq_g, dk_g, dv_g = d_packed.chunk(3)
+        d_q[_cols(cfg, g)], d_kv[:inner][_cols(cfg, g)], d_kv[inner:][_cols(cfg, g)] = dq_g, dk_g, dv_g
+    return dx, d_q, d_kv
+
+
+def _output_backward(cfg, bufs, dy, w_out, scratch):
+    """The output projection's weight and bias gradients; overwrites each group's attention output with its
+    gradient."""
+    d_w_out = torch.zeros_like(w_out)
+    for g, out in zip(cfg.groups, bufs.out):
+        cols = _cols(cfg, g)
+        for f, t in g.rows(out, dy):
+            for r in range(0, f.shape[0], DY_ROWS):
+                f_r, t_r = f[r:r + DY_ROWS], t[r:r + DY_ROWS]
+                if not t_r.is_contiguous():
+                    t_r = scratch.flat[:t_r.numel()].view(t_r.shape).copy_(t_r)
+                d_w_out[:, cols].addmm_(t_r.t(), f_r)
+                torch.mm(t_r, w_out[:, cols], out=f_r)  # the attention output's gradient takes its place
+    return d_w_out, dy.sum(dim=(0, 1))
+
+
+def _unit_backward(cfg, routes, u, null_k, null_v, seed, scratch, dw, d_null):
+    """Overwrites the head's q, k, v with their gradients (its output's gradient is in u.out); fills its part of
+    the route weights' and the null bucket's gradients."""
+    dk, dv = scratch.dk, scratch.dv
     lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
-    bufs.dk.zero_()
-    bufs.dv.zero_()
+    dk.zero_()
+    dv.zero_()
     mask = u.group.mask(cfg.mask)
     need_w = not u.group.local
-    ws = blocks.Workspace(lay, u.q, backward=True, raw_blocks=need_w, flat=bufs.work)
+    ws = blocks.Workspace(lay, u.q, backward=True, raw_blocks=need_w, flat=scratch.work)
     dw_u, dn_k, dn_v = blocks.backward(lay, need_w, u.q, u.k, u.v, idx, w, null_k_u, null_v_u, mask, mask,
-                                       bufs.out.transpose(1, 2), u.q, bufs.dk, bufs.dv, ws,
-                                       out=bufs.out.transpose(1, 2))
-    u.k.copy_(bufs.dk)
-    u.v.copy_(bufs.dv)
+                                       u.out, u.q, dk, dv, ws)
+    u.k.copy_(dk)
+    u.v.copy_(dv)
     if need_w:
         dw[:, u.sinkhorn_heads] = dw_u
     if dn_k is not None:

@@ -35,6 +35,8 @@ class Layout:
         self.has_null, self.has_none = has_null, has_none  # some route is the null bucket / no block
         self.unit_weights = unit_weights  # every weight is 1 and needs no gradient: skip the multiplies
         self.scale, self.dropout_p, self.seed = scale, dropout_p, seed
+        # the softmax scale goes where a multiply is made anyway: into the keys' weights, or else into q
+        self.q_scale, self.k_scale = (scale, 1.0) if unit_weights else (1.0, scale)
 
     def chunk_buckets(self, device):
         elements = CUDA_CHUNK_ELEMENTS if device.type == 'cuda' else CHUNK_ELEMENTS
@@ -53,9 +55,9 @@ class Layout:
 class Workspace:
     """The buffers of a chunk of one head, [c, rows, cols] each, carved from one allocation and cut to every chunk.
 
-    q: scaled queries (forward: then the output); k, v: gathered key / value blocks, weighted in place unless
-    backward needs the raw blocks for the route weights' gradient (then kw, vw hold the weighted blocks); s: the
-    scores, then the probabilities. Backward also has do (output gradient), dp (probability, then score
+    q: the scaled queries where q takes the softmax scale (forward: then the output); k, v: gathered key / value
+    blocks, weighted in place unless backward needs the raw blocks for the route weights' gradient (then kw, vw
+    hold the weighted blocks); s: the scores, then the probabilities. Backward also has do (output gradient), dp (probability, then score
     gradient) and dq; the weighted blocks' gradients overwrite kw and vw once those are read for the last time.
     `flat`: memory to carve them from (at least `numel` elements), else allocated here."""
 
@@ -91,6 +93,7 @@ class _Chunk:
 
     def __init__(self, q, k, v, s, kw=None, vw=None, do=None, dp=None, dq=None):
         self.q, self.k, self.v, self.s = q, k, v, s
+        self.queries = None  # set by `probabilities`: the queries the scores were made of, q or a view of the input
         self.kw, self.vw = k if kw is None else kw, v if vw is None else vw
         self.do, self.dp, self.dq = do, dp, dq
         self.rows = None  # set by `probabilities`
@@ -176,19 +179,22 @@ def heads(lay, q, *inputs):
 
 def probabilities(lay, ws, head, c0, c1):
     """The softmax of query buckets c0..c1 of one head over their routes, in the chunk's cut of the workspace:
-    b.q the scaled queries, b.k / b.v the gathered blocks (b.kw / b.vw weighted), b.s the probabilities
-    [c, bs, K' * kbs]; b.rows the routed blocks' rows."""
+    b.queries the queries times lay.q_scale, b.k / b.v the gathered blocks (b.kw / b.vw weighted, keys times
+    lay.k_scale), b.s the probabilities [c, bs, K' * kbs]; b.rows the routed blocks' rows."""
     bs, c = lay.bs, c1 - c0
     b = ws.cut(c)
     idx, w = head.idx[c0:c1], head.w[c0:c1]
     b.rows = block_rows(lay, idx)
-    torch.mul(head.q[c0 * bs:c1 * bs].view(b.q.shape), lay.scale, out=b.q)
-    for blocks, null, raw, weighted in ((head.k, head.null_k, b.k, b.kw), (head.v, head.null_v, b.v, b.vw)):
+    b.queries = head.q[c0 * bs:c1 * bs].view(b.q.shape)
+    if lay.q_scale != 1:
+        b.queries = torch.mul(b.queries, lay.q_scale, out=b.q)
+    for blocks, null, raw, weighted, scale in ((head.k, head.null_k, b.k, b.kw, lay.k_scale),
+                                               (head.v, head.null_v, b.v, b.vw, 1.0)):
         raw, weighted = raw.view(*idx.shape, lay.kbs, -1), weighted.view(*idx.shape, lay.kbs, -1)
         gather(lay, blocks, null, idx, b.rows, raw)
         if weighted is not raw or not lay.unit_weights:
-            torch.mul(raw, w[..., None, None], out=weighted)
-    torch.bmm(b.q, b.kw.transpose(1, 2), out=b.s)
+            torch.mul(raw, (w * scale)[..., None, None], out=weighted)
+    torch.bmm(b.queries, b.kw.transpose(1, 2), out=b.s)
     if mask_scores(lay, b.s, idx, head.q_mask, head.kv_mask, head.rotated, c0, c1):
         dead = b.s.amax(dim=-1, keepdim=True) == float('-inf')  # no visible key: attend to nothing
         torch.softmax(b.s, -1, out=b.s)
@@ -213,15 +219,14 @@ def forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, ws=None)
     bs = lay.bs
     for n, b_, h, head, c0, c1 in heads(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask):
         b = probabilities(lay, ws, head, c0, c1)
-        torch.bmm(dropped(lay, b.s, n)[0], b.vw, out=b.q)  # the scaled queries are dead: the output takes their place
+        torch.bmm(dropped(lay, b.s, n)[0], b.vw, out=b.q)  # the queries are read: the output takes q's place
         out[b_, h, c0 * bs:c1 * bs] = b.q.view(-1, b.q.shape[-1])
 
 
-def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout, dq, dk, dv, ws=None, out=None):
+def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout, dq, dk, dv, ws=None):
     """Writes dq (which may be q itself: a chunk's queries are read before its dq is written) and adds into dk, dv
-    ([B, H, Tk, D], each head's [Tk, D] contiguous); with `out`, also writes the attention output there again (for
-    callers that did not keep it; `out` may be `dout`, whose rows each chunk reads first). Returns the gradients
-    of the route weights (if `need_w`) and of the null bucket."""
+    ([B, H, Tk, D], each head's [Tk, D] contiguous). Returns the gradients of the route weights (if `need_w`) and
+    of the null bucket."""
     bs, kbs, Nk, D = lay.bs, lay.kbs, lay.Nk, q.shape[-1]
     dw = torch.zeros_like(w) if need_w else None
     dnull_k = torch.zeros_like(null_k) if null_k is not None else None
@@ -234,9 +239,6 @@ def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout
         p = b.s
         p_kept, keep = dropped(lay, p, n)
         b.do.copy_(dout[b_, h, c0 * bs:c1 * bs].view(b.do.shape))
-        if out is not None:  # after the chunk's rows of dout are read: out may be dout itself
-            torch.bmm(p_kept, b.vw, out=b.dq)  # dq's buffer is free until dq
-            out[b_, h, c0 * bs:c1 * bs] = b.dq.view(-1, D)
         torch.bmm(b.do, b.vw.transpose(1, 2), out=b.dp)
         # the weighted values and keys are read for the last time below: their gradients take their place
         torch.bmm(p_kept.transpose(1, 2), b.do, out=b.vw)
@@ -244,13 +246,15 @@ def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout
             b.dp.mul_(keep).div_(1 - lay.dropout_p)
         ds = torch._softmax_backward_data(b.dp, p, -1, p.dtype, grad_input=b.dp)
         torch.bmm(ds, b.kw, out=b.dq)
-        dq[b_, h, c0 * bs:c1 * bs] = b.dq.mul_(lay.scale).view(-1, D)
-        torch.bmm(ds.transpose(1, 2), b.q, out=b.kw)
+        torch.bmm(ds.transpose(1, 2), b.queries, out=b.kw)
+        if lay.q_scale != 1:
+            b.dq.mul_(lay.q_scale)
+        dq[b_, h, c0 * bs:c1 * bs] = b.dq.view(-1, D)  # after the last read of the queries, which dq may overwrite
         dk_w, dv_w = blocks(b.kw), blocks(b.vw)
         if dw is not None:
-            dw[b_, h, c0:c1] = block_dots(dk_w, blocks(b.k)) + block_dots(dv_w, blocks(b.v))
+            dw[b_, h, c0:c1] = lay.k_scale * block_dots(dk_w, blocks(b.k)) + block_dots(dv_w, blocks(b.v))
         if not lay.unit_weights:
-            dk_w.mul_(w_c[..., None, None])
+            dk_w.mul_((w_c * lay.k_scale)[..., None, None])
             dv_w.mul_(w_c[..., None, None])
         if lay.has_null:
             is_null = (idx_c == Nk).to(dk_w.dtype)
