@@ -15,7 +15,11 @@ CONFIGS = [dict(), dict(causal=True), dict(n_top_buckets=2), dict(causal=True, n
            dict(causal=True, n_local_attn_heads=1), dict(n_local_attn_heads=4), dict(causal=True, n_local_attn_heads=4)]
 
 
-def forward_backward(layer, x, mask, fused, monkeypatch):
+def weighted_sum(y):
+    return (y * torch.linspace(-1, 1, y.numel(), **f64).view_as(y)).sum()
+
+
+def forward_backward(layer, x, mask, fused, monkeypatch, loss=weighted_sum):
     """Output, input gradient and parameter gradients; counts the fused op's calls."""
     calls = []
     apply = self_attention.SelfAttentionFunction.apply
@@ -26,7 +30,7 @@ def forward_backward(layer, x, mask, fused, monkeypatch):
         layer.zero_grad()
         x.grad = None
         y = layer(x, input_mask=mask)
-        (y * torch.linspace(-1, 1, y.numel(), **f64).view_as(y)).sum().backward()
+        loss(y).backward()
     assert len(calls) == (1 if fused else 0)
     return [y, x.grad] + [p.grad for p in layer.parameters()]
 
@@ -63,6 +67,19 @@ def test_fused_layer_chunking_does_not_change_results(chunk, monkeypatch):
     monkeypatch.setattr(reference, 'CHUNK_ELEMENTS', chunk)
     for a, b in zip(forward_backward(layer, x, mask, True, monkeypatch), whole):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize('rows', [5, 2048], ids=['blocks of 5 rows', 'one block'])
+def test_fused_layer_takes_an_expanded_output_gradient(rows, monkeypatch):
+    """A sum's gradient is an expanded tensor: the output projection's backward makes it dense a block of rows at
+    a time (a short last block included) and gives the composed ops' gradients."""
+    monkeypatch.setattr(self_attention, 'DY_ROWS', rows)
+    layer = SinkhornSelfAttention(16, 4, 32, heads=4, dim_head=5, causal=True, n_local_attn_heads=1).double()
+    x = torch.randn(2, 32, 16, **f64, requires_grad=True)
+    fused = forward_backward(layer, x, None, True, monkeypatch, loss=torch.sum)
+    composed = forward_backward(layer, x, None, False, monkeypatch, loss=torch.sum)
+    for a, b in zip(fused, composed):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize('cfg', [dict(), dict(causal=True, n_local_heads=1), dict(n_sortcut=1)], ids=str)
