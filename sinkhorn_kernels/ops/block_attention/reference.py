@@ -57,8 +57,9 @@ class Workspace:
 
     q: the scaled queries where q takes the softmax scale (forward: then the output); k, v: gathered key / value
     blocks, weighted in place unless backward needs the raw blocks for the route weights' gradient (then kw, vw
-    hold the weighted blocks); s: the scores, then the probabilities. Backward also has do (output gradient), dp (probability, then score
-    gradient) and dq; the weighted blocks' gradients overwrite kw and vw once those are read for the last time.
+    hold the weighted blocks); s: the scores, then the probabilities. Backward also has dp (probability, then
+    score gradient) and dq; the weighted blocks' gradients overwrite kw and vw once those are read for the last
+    time (the output gradient is read in place).
     `flat`: memory to carve them from (at least `numel` elements), else allocated here."""
 
     def __init__(self, lay, like, backward=False, raw_blocks=False, flat=None):
@@ -75,7 +76,7 @@ class Workspace:
         if raw_blocks:
             names += [('kw', L, D), ('vw', L, D)]
         if backward:
-            names += [('do', lay.bs, D), ('dp', lay.bs, L), ('dq', lay.bs, D)]
+            names += [('dp', lay.bs, L), ('dq', lay.bs, D)]
         return [(name, c, r, w) for name, r, w in names]
 
     @classmethod
@@ -91,11 +92,11 @@ class _Chunk:
     """A chunk's buffers by name (a plain class: torch.compile traces it); kw, vw are k, v where the raw blocks are
     not kept."""
 
-    def __init__(self, q, k, v, s, kw=None, vw=None, do=None, dp=None, dq=None):
+    def __init__(self, q, k, v, s, kw=None, vw=None, dp=None, dq=None):
         self.q, self.k, self.v, self.s = q, k, v, s
         self.queries = None  # set by `probabilities`: the queries the scores were made of, q or a view of the input
         self.kw, self.vw = k if kw is None else kw, v if vw is None else vw
-        self.do, self.dp, self.dq = do, dp, dq
+        self.dp, self.dq = dp, dq
         self.rows = None  # set by `probabilities`
 
 
@@ -238,10 +239,10 @@ def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout
         blocks = lambda t: t.view(*idx_c.shape, kbs, D)
         p = b.s
         p_kept, keep = dropped(lay, p, n)
-        b.do.copy_(dout[b_, h, c0 * bs:c1 * bs].view(b.do.shape))
-        torch.bmm(b.do, b.vw.transpose(1, 2), out=b.dp)
+        do = dout[b_, h, c0 * bs:c1 * bs].view(b.q.shape)
+        torch.bmm(do, b.vw.transpose(1, 2), out=b.dp)
         # the weighted values and keys are read for the last time below: their gradients take their place
-        torch.bmm(p_kept.transpose(1, 2), b.do, out=b.vw)
+        torch.bmm(p_kept.transpose(1, 2), do, out=b.vw)
         if keep is not None:
             b.dp.mul_(keep).div_(1 - lay.dropout_p)
         ds = torch._softmax_backward_data(b.dp, p, -1, p.dtype, grad_input=b.dp)
