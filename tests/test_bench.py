@@ -23,11 +23,27 @@ def test_smoke_run_writes_csv_summary_and_plots(tmp_path):
     assert os.path.exists(os.path.join(out, 'sinkhorn_attention_fwd_bwd.png'))
 
 
+def test_rounds_report_the_median_round_and_the_largest_peak(tmp_path):
+    out = str(tmp_path / 'bench')
+    assert main(['--ops', 'sinkhorn', '--seq-lens', '256', '--warmup', '0', '--repeats', '1', '--rounds', '3',
+                 '--impls', 'sinkhorn_kernels[reference]', '--no-plots', '--out', out]) == 0
+    rows = list(csv.DictReader(open(os.path.join(out, 'results.csv'))))
+    assert sorted(r['mode'] for r in rows) == ['fwd', 'fwd+bwd']  # one row per mode, not per round
+
+
+def test_median_round_takes_one_round_time_and_the_largest_peak():
+    from sinkhorn_kernels.bench.measure import median_round
+    run = lambda ms, mb: [dict(mode='fwd', ms_median=ms, peak_mem_mb=mb, tflops=1 / ms)]
+    row, = median_round([run(3.0, 10), run(1.0, 30), run(2.0, 20), run(4.0, 15)])
+    assert row == dict(mode='fwd', ms_median=2.0, peak_mem_mb=30, tflops=0.5)
+
+
 @pytest.mark.parametrize('argv,message', [
     (['--ops', 'nope'], 'invalid choice'),
     (['--seq-lens', '100'], 'not a multiple of the bucket size'),
     (['--ops', 'layer', '--heads', '3'], 'heads * dim_head must equal 512'),
     (['--repeats', '0'], 'must be positive'),
+    (['--rounds', '0'], 'must be positive'),
 ])
 def test_bad_input_exits_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from .cases import OPS, default_config, implementations, validate
-from .measure import isolated, measure
+from .measure import isolated, measure, median_round
 from .report import append_csv, plot, read_csv, summary_markdown
 
 # sizes per device: the CPU run finishes in a few minutes on 2 cores; the GPU sweep goes to 64k tokens
@@ -37,6 +37,9 @@ def parse_args(argv):
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--warmup', type=int, help='untimed runs first (default: 1 on CPU, 5 on CUDA)')
     p.add_argument('--repeats', type=int, help='timed runs; the median is reported (default: 3 on CPU, 20 on CUDA)')
+    p.add_argument('--rounds', type=int, default=1,
+                   help='measure every case this many times, the cases taking turns, and report the round with the '
+                        'median time and the largest peak memory (for machines whose speed drifts)')
     p.add_argument('--out', default='bench-results', help='output folder (default: ./bench-results)')
     p.add_argument('--no-plots', action='store_true')
     args = p.parse_args(argv)
@@ -48,8 +51,8 @@ def parse_args(argv):
         p.error(f'{args.dtype} is only measured on CUDA; on CPU use --dtype float32')
     args.warmup = 1 if args.warmup is None and args.device == 'cpu' else (5 if args.warmup is None else args.warmup)
     args.repeats = 3 if args.repeats is None and args.device == 'cpu' else (20 if args.repeats is None else args.repeats)
-    if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.heads < 1 or args.dim_head < 1:
-        p.error('--repeats, --batch, --heads and --dim-head must be positive and --warmup not negative')
+    if min(args.repeats, args.rounds, args.batch, args.heads, args.dim_head) < 1 or args.warmup < 0:
+        p.error('--repeats, --rounds, --batch, --heads and --dim-head must be positive and --warmup not negative')
     return p, args
 
 
@@ -96,20 +99,27 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, 'results.csv')
     rows, failures = [], []
-    for op, impl, cfg in tqdm(jobs, desc='benchmarks', unit='case'):
+    runs = [[] for _ in jobs]
+    # each round goes over every case in turn, so a drift in the machine's speed reaches every implementation alike
+    rounds = [(r, i) for r in range(args.rounds) for i in range(len(jobs))]
+    for r, i in tqdm(rounds, desc='benchmarks', unit='case'):
+        op, impl, cfg = jobs[i]
         spec = dict(op=op, impl=impl, cfg=cfg, device=args.device, dtype=args.dtype, warmup=args.warmup,
                     repeats=args.repeats)
         try:
             # on CPU the peak resident memory is per process: every case gets a fresh one
-            measured = isolated(spec) if args.device == 'cpu' else measure(**spec)
+            runs[i].append(isolated(spec) if args.device == 'cpu' else measure(**spec))
         except (RuntimeError, torch.OutOfMemoryError) as e:
-            failures.append(f'{op} {impl} seq_len={cfg["seq_len"]} causal={cfg["causal"]}: {e}')
+            which = f' (round {r + 1} of {args.rounds})' if args.rounds > 1 else ''
+            failures.append(f'{op} {impl} seq_len={cfg["seq_len"]} causal={cfg["causal"]}{which}: {e}')
             if args.device == 'cuda':
                 torch.cuda.empty_cache()
+    for (op, impl, cfg), measured in zip(jobs, runs):
+        if not measured:
             continue
         new = [dict(impl=impl, op=op, causal=cfg['causal'], seq_len=cfg['seq_len'], batch=cfg['batch'],
                     heads=cfg['heads'], dim_head=cfg['dim_head'], dtype=args.dtype, device=args.device, **m)
-               for m in measured]
+               for m in median_round(measured)]
         append_csv(csv_path, new)
         rows += new
     all_rows = read_csv(csv_path) if os.path.exists(csv_path) else []

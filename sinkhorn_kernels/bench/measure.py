@@ -73,6 +73,17 @@ def measure(op, impl, cfg, device, dtype, warmup, repeats):
     return rows
 
 
+def median_round(runs):
+    """One row per mode from several rounds of `measure`: the round with the median time (the lower one of an
+    even count), with the largest peak memory of all rounds."""
+    rows = []
+    for per_round in zip(*runs):
+        row = dict(sorted(per_round, key=lambda m: m['ms_median'])[(len(per_round) - 1) // 2])
+        row['peak_mem_mb'] = max(m['peak_mem_mb'] for m in per_round)
+        rows.append(row)
+    return rows
+
+
 def isolated(spec):
     """Runs `measure(**spec)` in a fresh Python process; returns its rows or raises RuntimeError with its error."""
     proc = subprocess.run([sys.executable, '-m', 'sinkhorn_kernels.bench.worker', json.dumps(spec)],
