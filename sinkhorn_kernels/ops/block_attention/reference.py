@@ -220,7 +220,7 @@ def forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, ws=None)
     bs = lay.bs
     for n, b_, h, head, c0, c1 in heads(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask):
         b = probabilities(lay, ws, head, c0, c1)
-        torch.bmm(dropped(lay, b.s, n)[0], b.vw, out=b.q)  # the queries are read: the output takes q's place
+        torch.bmm(dropped(lay, b.s, n)[0], b.vw, out=b.q)  # the queries are read: the output goes in q's buffer
         out[b_, h, c0 * bs:c1 * bs] = b.q.view(-1, b.q.shape[-1])
 
 
