@@ -78,14 +78,14 @@ class _Unit:
     """One head of a group: views of its q, k, v and attention output ([B, 1, T, D]) in the group's buffers."""
 
     def __init__(self, group, h, qkv, out, n_local):
-        self.group, self.h0 = group, h
+        self.group, self.h = group, h
         self.sinkhorn_heads = slice(h - n_local, h - n_local + 1)
         self.q, self.k, self.v = (self.head_of(qkv[:, :, i]) for i in range(3))
         self.out = self.head_of(out)
 
     def head_of(self, buf):
         """The head's [B, 1, T, D] view of a group buffer [B, T, Hg, D]."""
-        a = self.h0 - self.group.h0
+        a = self.h - self.group.h0
         return buf[:, :, a:a + 1].transpose(1, 2)
 
 
@@ -97,7 +97,7 @@ class _Buffers:
 
     def __init__(self, x, cfg):
         B, T, _ = x.shape
-        D, inner = cfg.dim_head, cfg.heads * cfg.dim_head
+        D, inner = cfg.dim_head, _inner(cfg)
         sizes = [g.h1 - g.h0 for g in cfg.groups]
         self.qkv = carve(x.new_empty(3 * B * T * inner), [(B, T, 3, n, D) for n in sizes])
         self.out = carve(x.new_empty(B * T * inner), [(B, T, n, D) for n in sizes])
@@ -283,7 +283,7 @@ def _layout(cfg, local, seed=0, rotated=False):
 def _unit_layout(cfg, routes, u, null_k, null_v, seed):
     """The block-attention layout and routes of a head."""
     # dropout draws one mask per (batch, chunk) of a head: at most B * Nq draws from each head's seed
-    lay = _layout(cfg, u.group.local, seed + u.h0 * cfg.batch * cfg.Nq, rotated=bool(u.group.shift))
+    lay = _layout(cfg, u.group.local, seed + u.h * cfg.batch * cfg.Nq, rotated=bool(u.group.shift))
     if u.group.local:
         idx = cfg.local_idx.expand(cfg.batch, 1, -1, -1)
         return lay, idx, torch.ones(idx.shape, dtype=cfg.dtype, device=idx.device), None, None
