@@ -6,7 +6,9 @@ makes dq, dk, dv and the projections' input gradients as new tensors. Here:
 - heads are processed in groups that share a frame: row t of a group's buffers is token (t + shift) mod T, so
   the causal half-head rotation is a shift of the rows the projections read and write, never a copy; a group's
   q, k, v live in one packed [B, T, 3, Hg, D] buffer, written by one GEMM;
-- block attention reads each head's q, k, v in place in those buffers (no contiguous copies), one head at a time;
+- block attention reads each head's q, k, v in place in those buffers (no contiguous copies): on CPU in fp32 the
+  fused C++ kernel (`block_attention.cpu`) does, all heads of a kind in one call, and the PyTorch reference
+  otherwise, one head at a time;
 - the attention output is kept in the group's frame ([B, T, Hg, D]) for one output-projection GEMM per group;
   backward overwrites it with its own gradient, made from a few rows of the incoming gradient at a time (a
   sum's gradient is an expanded tensor, which would otherwise be made dense whole);
@@ -25,6 +27,7 @@ import torch
 
 from .._checks import check_bucket_multiple, require
 from .backends import resolve_backend
+from .block_attention import cpu as cpu_kernel
 from .block_attention import dropout_seed, local_routes, with_own_bucket
 from .block_attention import reference as blocks
 from .outputs import carve
@@ -111,14 +114,14 @@ def _workspace_numel(cfg, x, backward):
 
 class _Scratch:
     """Backward's scratch, one allocation: the dense rows of the output's gradient, then one head's dk, dv
-    ([B, 1, T, D]) and the chunk workspace. On CPU it asks for at least UNMAPPED_ON_FREE bytes, of which only those
-    used are ever touched (unless deterministic mode fills new memory): the memory goes back to the system, and
-    the allocator's threshold stays where it was."""
+    ([B, 1, T, D]) and the chunk workspace (or the CPU kernel's scratch). On CPU it asks for at least
+    UNMAPPED_ON_FREE bytes, of which only those used are ever touched (unless deterministic mode fills new
+    memory): the memory goes back to the system, and the allocator's threshold stays where it was."""
 
     def __init__(self, x, cfg):
         B, T, dim = x.shape
         D, n_work = cfg.dim_head, _workspace_numel(cfg, x, backward=True)
-        n = max(DY_ROWS * dim, 2 * B * T * D + n_work)
+        n = max(DY_ROWS * dim, 2 * B * T * D + n_work, _kernel_scratch_numel(cfg) if cfg.cpu_kernel else 0)
         self.flat = x.new_empty(max(n, -(-UNMAPPED_ON_FREE // x.element_size())) if x.is_cpu else n)
         self.dk, self.dv, self.work = carve(self.flat, [(B, 1, T, D), (B, 1, T, D), (n_work,)])
 
@@ -152,9 +155,46 @@ def _cols(cfg, g):
     return slice(g.h0 * cfg.dim_head, g.h1 * cfg.dim_head)
 
 
+def _kinds(cfg, units):
+    """The units by kind of head (local, Sinkhorn), each kind with its block-attention layout."""
+    for local in (True, False):
+        kind = [u for u in units if u.group.local == local]
+        if kind:
+            yield _layout(cfg, local), kind
+
+
+def _kernel_scratch_numel(cfg):
+    """The CPU kernel's backward scratch: enough for the call of either kind of head."""
+    heads = {}
+    for g in cfg.groups:
+        heads[g.local] = heads.get(g.local, 0) + g.h1 - g.h0
+    return max(cpu_kernel.scratch_numel(_layout(cfg, local), cfg.dim_head, cfg.batch * n, True)
+               for local, n in heads.items())
+
+
+def _kernel_calls(cfg, routes, units, null_k, null_v, outputs):
+    """The CPU kernel's calls, one per kind of head with every (batch, head) of the kind; outputs(u, b): a pair's
+    output tensors."""
+    for lay, kind in _kinds(cfg, units):
+        heads = cpu_kernel.Heads(lay, cfg.dim_head)
+        for u in kind:
+            _, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, 0)
+            null = [None if t is None else t.view(-1) for t in (null_k_u, null_v_u)]
+            mask = u.group.mask(cfg.mask)
+            for b in range(cfg.batch):
+                m = None if mask is None else mask[b, 0]
+                heads.add(bool(u.group.shift), u.q[b, 0], u.k[b, 0], u.v[b, 0], idx[b, 0], w[b, 0], *null, m, m,
+                          **outputs(u, b))
+        yield heads
+
+
 def _attend(x, w_q, w_kv, null_k, null_v, cfg, seed, work):
     """`_project`, then every head's attention output into the buffers; `work`: memory for the chunk workspace."""
     bufs, units, routes = _project(x, w_q, w_kv, cfg)
+    if cfg.cpu_kernel:
+        for heads in _kernel_calls(cfg, routes, units, null_k, null_v, lambda u, b: dict(out=u.out[b, 0])):
+            cpu_kernel.forward(heads, work)
+        return bufs, units, routes
     for u in units:
         lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
         mask = u.group.mask(cfg.mask)
@@ -210,12 +250,33 @@ def _attention_backward(cfg, bufs, units, routes, null_k, null_v, seed, scratch)
     """Overwrites the packed q, k, v with the gradients of the projections' outputs, routes included; returns the
     null bucket's gradients."""
     dw = torch.zeros_like(routes.weights) if routes is not None else None
-    d_null = [torch.zeros_like(t) if t is not None else None for t in (null_k, null_v)]
-    for u in units:
-        _unit_backward(cfg, routes, u, null_k, null_v, seed, scratch, dw, d_null)
+    if cfg.cpu_kernel:
+        d_null = _kernel_backward(cfg, routes, units, null_k, null_v, scratch, dw)
+    else:
+        d_null = [torch.zeros_like(t) if t is not None else None for t in (null_k, null_v)]
+        for u in units:
+            _unit_backward(cfg, routes, u, null_k, null_v, seed, scratch, dw, d_null)
     if routes is not None:
         routes.backward(dw)
     return d_null
+
+
+def _kernel_backward(cfg, routes, units, null_k, null_v, scratch, dw):
+    """`_attention_backward`'s attention part on the CPU kernel; returns the null bucket's gradients."""
+    # a null-bucket gradient per (batch, head): the kernel runs the pairs in parallel
+    d_null = [None if t is None else t.new_zeros(cfg.batch, *t.shape) for t in (null_k, null_v)]
+
+    def outputs(u, b):
+        out = dict(dout=u.out[b, 0], dq=u.q[b, 0], dk=u.k[b, 0], dv=u.v[b, 0])
+        if not u.group.local:
+            out['dw'] = dw[b, u.sinkhorn_heads][0]
+            if null_k is not None:
+                out['dnull_k'], out['dnull_v'] = (d[b, u.sinkhorn_heads].view(-1) for d in d_null)
+        return out
+
+    for heads in _kernel_calls(cfg, routes, units, null_k, null_v, outputs):
+        cpu_kernel.backward(heads, scratch.flat)
+    return [None if d is None else d.sum(0) for d in d_null]
 
 
 def _input_backward(cfg, bufs, x, w_q, w_kv):
@@ -380,5 +441,6 @@ def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, hea
                   local_idx=with_own_bucket(local_idx, torch.ones_like(local_idx, dtype=x.dtype))[0])
     # routes of a Sinkhorn head, its own bucket included: the layouts and the workspace are sized by it
     cfg.n_routes = routes_per_query_bucket(causal, cfg.n_top, n_sortcut, Nk) + cfg.own_bucket
+    cfg.cpu_kernel = cpu_kernel.applies(x, bucket_size, dim_head, dropout_p)
     null_k, null_v = null_kv if null_kv is not None and n_local_heads < heads else (None, None)
     return SelfAttentionFunction.apply(x, q_weight, kv_weight, out_weight, out_bias, null_k, null_v, cfg)
