@@ -69,7 +69,6 @@ class Heads:
         self.args.append(a)
 
 
-
 def _layout(lay, dim_head):
     return dict(Nq=lay.Nq, bs=lay.bs, Nk=lay.Nk, kbs=lay.kbs, R=lay.n_routes, D=dim_head, causal=int(lay.causal),
                 scale=lay.scale)
@@ -79,14 +78,18 @@ def _workers(n_pairs):
     return max(1, min(torch.get_num_threads(), n_pairs))
 
 
+def _scratch_floats(layout, n_pairs, backward):
+    return _cpu.scratch_floats(layout, backward, _workers(n_pairs))
+
+
 def scratch_numel(lay, dim_head, n_pairs, backward):
     """fp32 elements of a call's scratch: per worker thread a few score-sized buffers, and in backward a head's dk
     and dv."""
-    return _cpu.scratch_floats(_layout(lay, dim_head), backward, _workers(n_pairs))
+    return _scratch_floats(_layout(lay, dim_head), n_pairs, backward)
 
 
 def _run(kernel, heads, backward, scratch):
-    n = _cpu.scratch_floats(heads.layout, backward, _workers(len(heads.args)))
+    n = _scratch_floats(heads.layout, len(heads.args), backward)
     if scratch is None or scratch.numel() < n:
         scratch = torch.empty(n)
     kernel(heads.layout, heads.args, _workers(len(heads.args)), scratch.data_ptr())
