@@ -18,7 +18,7 @@ namespace sinkhorn_kernels::cpu::SK_CPU_ISA {
 
 namespace {
 
-constexpr int W = 16;  // floats per vector
+constexpr int W = kVectorFloats;
 typedef float vec __attribute__((vector_size(64)));
 typedef int32_t ivec __attribute__((vector_size(64)));
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();

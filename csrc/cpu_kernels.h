@@ -5,6 +5,8 @@
 
 namespace sinkhorn_kernels::cpu {
 
+constexpr int kVectorFloats = 16;  // floats per vector in every build: bs and D come in multiples of it
+
 // One (batch, head) of a block-attention call. Rows of q, k, v, out, dout, dq, dk, dv are D contiguous floats
 // with the given row strides; idx / w: [Nq, R] contiguous routes (own bucket last when present; idx == Nk is
 // the null bucket, -1 no block); masks: [T] bytes (1 = real) or null.
@@ -32,7 +34,7 @@ struct Layout {
   float scale;
 };
 
-// bs and D must be multiples of 16 (the vector width). The heads are spread over n_workers threads (the
+// bs and D must be multiples of kVectorFloats. The heads are spread over n_workers threads (the
 // caller's among them); scratch: scratch_floats(lay, backward, n_workers) floats, any contents.
 // A worker's part: the queries' (backward: and the output gradient's) transposes [D, bs], one (backward: three)
 // scores-shaped [L, bs] buffers, (backward:) two [bs] vectors and the head's dk and dv [Tk, D].

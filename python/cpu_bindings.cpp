@@ -67,6 +67,7 @@ void call(F kernel, const py::dict& layout, const py::list& heads, int n_workers
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "CPU kernels of sinkhorn-kernels (fp32, raw pointers, no libtorch)";
   m.attr("isa") = isa_name();
+  m.attr("vector_floats") = kVectorFloats;
   m.def("scratch_floats", [](const py::dict& lay, bool backward, int n_workers) {
     return scratch_floats(layout_from(lay), backward, n_workers);
   });

@@ -107,23 +107,27 @@ class _Buffers:
 
 
 def _workspace_numel(cfg, x, backward):
-    """Elements of a chunk workspace that serves every head."""
+    """Elements of the attention's workspace, which serves every head: the CPU kernel's scratch, or a chunk
+    workspace of the PyTorch path."""
+    if cfg.cpu_kernel:
+        return _kernel_scratch_numel(cfg, backward)
     return max(blocks.Workspace.numel(_layout(cfg, local), cfg.dim_head, backward=backward, raw_blocks=backward,
                                       device=x.device) for local in {g.local for g in cfg.groups})
 
 
 class _Scratch:
-    """Backward's scratch, one allocation: the dense rows of the output's gradient, then one head's dk, dv
-    ([B, 1, T, D]) and the chunk workspace (or the CPU kernel's scratch). On CPU it asks for at least
-    UNMAPPED_ON_FREE bytes, of which only those used are ever touched (unless deterministic mode fills new
-    memory): the memory goes back to the system, and the allocator's threshold stays where it was."""
+    """Backward's scratch, one allocation: the dense rows of the output's gradient, then (the PyTorch path) one
+    head's dk, dv ([B, 1, T, D]) and the workspace. On CPU it asks for at least UNMAPPED_ON_FREE bytes, of which
+    only those used are ever touched (unless deterministic mode fills new memory): the memory goes back to the
+    system, and the allocator's threshold stays where it was."""
 
     def __init__(self, x, cfg):
         B, T, dim = x.shape
-        D, n_work = cfg.dim_head, _workspace_numel(cfg, x, backward=True)
-        n = max(DY_ROWS * dim, 2 * B * T * D + n_work, _kernel_scratch_numel(cfg) if cfg.cpu_kernel else 0)
+        n_work = _workspace_numel(cfg, x, backward=True)
+        head = (0,) if cfg.cpu_kernel else (B, 1, T, cfg.dim_head)  # the CPU kernel keeps dk, dv in its workspace
+        n = max(DY_ROWS * dim, 2 * torch.Size(head).numel() + n_work)
         self.flat = x.new_empty(max(n, -(-UNMAPPED_ON_FREE // x.element_size())) if x.is_cpu else n)
-        self.dk, self.dv, self.work = carve(self.flat, [(B, 1, T, D), (B, 1, T, D), (n_work,)])
+        self.dk, self.dv, self.work = carve(self.flat, [head, head, (n_work,)])
 
 
 def _packed_weights(cfg, w_q, w_kv):
@@ -163,12 +167,12 @@ def _kinds(cfg, units):
             yield _layout(cfg, local), kind
 
 
-def _kernel_scratch_numel(cfg):
-    """The CPU kernel's backward scratch: enough for the call of either kind of head."""
+def _kernel_scratch_numel(cfg, backward):
+    """The CPU kernel's scratch: enough for the call of either kind of head."""
     heads = {}
     for g in cfg.groups:
         heads[g.local] = heads.get(g.local, 0) + g.h1 - g.h0
-    return max(cpu_kernel.scratch_numel(_layout(cfg, local), cfg.dim_head, cfg.batch * n, True)
+    return max(cpu_kernel.scratch_numel(_layout(cfg, local), cfg.dim_head, cfg.batch * n, backward)
                for local, n in heads.items())
 
 
@@ -189,7 +193,7 @@ def _kernel_calls(cfg, routes, units, null_k, null_v, outputs):
 
 
 def _attend(x, w_q, w_kv, null_k, null_v, cfg, seed, work):
-    """`_project`, then every head's attention output into the buffers; `work`: memory for the chunk workspace."""
+    """`_project`, then every head's attention output into the buffers; `work`: memory for the workspace."""
     bufs, units, routes = _project(x, w_q, w_kv, cfg)
     if cfg.cpu_kernel:
         for heads in _kernel_calls(cfg, routes, units, null_k, null_v, lambda u, b: dict(out=u.out[b, 0])):
@@ -208,7 +212,7 @@ class SelfAttentionFunction(torch.autograd.Function):
     def forward(ctx, x, w_q, w_kv, w_out, b_out, null_k, null_v, cfg):
         x = x.contiguous()
         seed = int(dropout_seed(cfg.dropout_p, x.device))
-        # the chunk workspace lives in y's memory until the output projection writes y
+        # the attention's workspace lives in y's memory until the output projection writes y
         y = x.new_empty(*x.shape[:2], w_out.shape[0])
         n_work = _workspace_numel(cfg, x, backward=False)
         work = y.view(-1) if y.numel() >= n_work else x.new_empty(n_work)
@@ -275,7 +279,7 @@ def _kernel_backward(cfg, routes, units, null_k, null_v, scratch, dw):
         return out
 
     for heads in _kernel_calls(cfg, routes, units, null_k, null_v, outputs):
-        cpu_kernel.backward(heads, scratch.flat)
+        cpu_kernel.backward(heads, scratch.work)
     return [None if d is None else d.sum(0) for d in d_null]
 
 

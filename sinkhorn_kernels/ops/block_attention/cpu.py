@@ -12,9 +12,6 @@ import os
 
 import torch
 
-VECTOR = 16  # floats per vector in the kernel: query buckets and heads come in multiples of it
-
-
 def _load():
     try:
         return importlib.import_module('sinkhorn_kernels._cpu')
@@ -31,7 +28,7 @@ def applies(x, bucket_size, dim_head, dropout_p):
     """Whether the kernel serves a layer on x (its device and dtype) with these sizes; attention dropout stays on
     the PyTorch path, whose masks are drawn with torch's generator."""
     return (enabled and x.device.type == 'cpu' and x.dtype == torch.float32 and dropout_p == 0
-            and bucket_size % VECTOR == 0 and dim_head % VECTOR == 0)
+            and bucket_size % _cpu.vector_floats == 0 and dim_head % _cpu.vector_floats == 0)
 
 
 def _rows(t):
