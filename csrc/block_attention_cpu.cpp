@@ -399,7 +399,7 @@ void block_attention_backward(const Layout& lay, const Head* heads, int64_t n_he
         if (hd.dw) hd.dw[i * lay.R + r] += lay.scale * hsum(dw_k);
       }
       // dV_j += w_r P_r^T dO and dK_j += scale w_r dS_r^T Q, then dQ = sum_r scale w_r dS_r K_r over the
-      // queries, which dq may be: their last read is dK's
+      // queries or the output gradient, which dq may be: their last reads are dK's and dV's
       // (while each runs, what the next one reads: at the end the next bucket's queries and output gradient)
       b.spread(s, dout, hd.dout_rs, [](const Route& r) { return r.w; }, dv, hd.dnull_v, colsum, b.block_of(dk, 0));
       b.spread(g, b.q(), hd.q_rs, [&](const Route& r) { return lay.scale * r.w; }, dk, hd.dnull_k, colsum,

@@ -18,11 +18,11 @@ struct Head {
   const float *null_k, *null_v;
   const uint8_t *q_mask, *kv_mask;
   bool rotated;  // the rotated causal frame: the last bucket's rows 1.. are the sequence's first tokens
-  float* out;    // forward: [Tq, D] written
+  float* out;    // forward: [Tq, D] written; may be q (a query bucket's queries are read before its output is written)
   int64_t out_rs;
   const float* dout;  // backward
   int64_t dout_rs;
-  float *dq, *dk, *dv;  // written; dq may be q, dk may be k and dv v (each is read before it is overwritten)
+  float *dq, *dk, *dv;  // written; dq may be q or dout, dk may be k and dv v (each is read before it is overwritten)
   int64_t dq_rs, dk_rs, dv_rs;
   float* dw;                  // [Nq, R] written, or null
   float *dnull_k, *dnull_v;   // [D] added into, where there is a null bucket

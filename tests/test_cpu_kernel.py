@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sinkhorn_kernels.attention import SinkhornSelfAttention
+from sinkhorn_kernels.ops import self_attention
 from sinkhorn_kernels.ops.block_attention import cpu, with_own_bucket
 from sinkhorn_kernels.ops.block_attention import reference as blocks
 
@@ -148,9 +149,11 @@ def layer_grads(layer, x, mask, weights):
 
 @pytest.mark.parametrize('cfg', LAYER_CONFIGS, ids=str)
 @pytest.mark.parametrize('masked', [False, True])
-def test_fused_layer_on_the_kernel_equals_reference(cfg, masked, monkeypatch):
-    """SinkhornSelfAttention in fp32 runs the kernel (one forward and one backward call per kind of head) and
-    stays within the rule of the PyTorch path in float64."""
+@pytest.mark.parametrize('chunk_heads', [1, 3])
+def test_fused_layer_on_the_kernel_equals_reference(cfg, masked, chunk_heads, monkeypatch):
+    """SinkhornSelfAttention in fp32 runs the kernel (forward: one call per kind of head; backward: one per chunk
+    of heads, a short last chunk included) and stays within the rule of the PyTorch path in float64."""
+    monkeypatch.setattr(self_attention, 'backward_chunk_heads', lambda x, groups: chunk_heads)
     B, T = 2, 128
     layer = SinkhornSelfAttention(32, 16, T, heads=4, dim_head=16, **cfg)
     x = torch.randn(B, T, 32, dtype=torch.float64, requires_grad=True)
@@ -160,15 +163,17 @@ def test_fused_layer_on_the_kernel_equals_reference(cfg, masked, monkeypatch):
         mask[:, :21] = False
         mask[-1, -5:] = False
     weights = torch.randn(B, T, 32, dtype=torch.float64)
-    calls = []
+    calls = []  # (forward or backward, (batch, head) pairs)
     for name in ('forward', 'backward'):
         original = getattr(cpu, name)
-        monkeypatch.setattr(cpu, name, lambda heads, scratch=None, f=original, n=name: calls.append(n) or
-                            f(heads, scratch))
+        monkeypatch.setattr(cpu, name, lambda heads, scratch=None, f=original, n=name:
+                            calls.append((n, len(heads.args))) or f(heads, scratch))
     x32 = x.detach().float().requires_grad_()
     got = layer_grads(layer, x32, mask, weights)
-    kinds = 1 + (0 < cfg.get('n_local_attn_heads', 0) < 4)
-    assert calls == ['forward'] * kinds + ['backward'] * kinds
+    local = cfg.get('n_local_attn_heads', 0)
+    assert [c for c in calls if c[0] == 'forward'] == [('forward', B * n) for n in (local, 4 - local) if n]
+    backward = [n for name, n in calls if name == 'backward']
+    assert sum(backward) == B * 4 and max(backward) <= B * chunk_heads
     monkeypatch.setattr(cpu, 'enabled', False)
     ref32 = layer_grads(layer, x32, mask, weights)
     ref64 = layer_grads(layer.double(), x, mask, weights)

@@ -69,6 +69,22 @@ def test_fused_layer_chunking_does_not_change_results(chunk, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize('cfg', [dict(), dict(causal=True, n_local_attn_heads=1)], ids=str)
+@pytest.mark.parametrize('chunk_heads', [1, 3])
+def test_fused_layer_backward_chunks_of_heads_do_not_change_results(cfg, chunk_heads, monkeypatch):
+    """Backward recomputes the queries a chunk of heads at a time (a short last chunk included): the results equal
+    those of one chunk per group."""
+    layer = SinkhornSelfAttention(16, 4, 32, heads=4, dim_head=5, **cfg).double()
+    x = torch.randn(2, 32, 16, **f64, requires_grad=True)
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    mask[0, :3] = False
+    monkeypatch.setattr(self_attention, 'backward_chunk_heads', lambda x, groups: 4)
+    whole = forward_backward(layer, x, mask, True, monkeypatch)
+    monkeypatch.setattr(self_attention, 'backward_chunk_heads', lambda x, groups: chunk_heads)
+    for a, b in zip(forward_backward(layer, x, mask, True, monkeypatch), whole):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize('rows', [5, 2048], ids=['blocks of 5 rows', 'one block'])
 def test_fused_layer_takes_an_expanded_output_gradient(rows, monkeypatch):
     """A sum's gradient is an expanded tensor: the output projection's backward makes it dense a block of rows at

@@ -9,12 +9,15 @@ makes dq, dk, dv and the projections' input gradients as new tensors. Here:
 - block attention reads each head's q, k, v in place in those buffers (no contiguous copies): on CPU in fp32 the
   fused C++ kernel (`block_attention.cpu`) does, all heads of a kind in one call, and the PyTorch reference
   otherwise, one head at a time;
-- the attention output is kept in the group's frame ([B, T, Hg, D]) for one output-projection GEMM per group;
-  backward overwrites it with its own gradient, made from a few rows of the incoming gradient at a time (a
-  sum's gradient is an expanded tensor, which would otherwise be made dense whole);
-- backward writes dq over q (a query bucket's q is dead once its gradient is written) and each head's dk, dv over
-  its k and v (a head's keys are read by no other head), so the packed buffers end as the projections' output
-  gradients: one GEMM gives dx, one the weights' gradient;
+- the attention output is written over the queries (a query bucket's queries are read by it alone, before its
+  output is written; the routes are made first), so from forward to backward the layer holds q, k, v and nothing
+  else; the output projection reads it there, one GEMM per group;
+- backward overwrites the output with its own gradient, made from a few rows of the incoming gradient at a time
+  (a sum's gradient is an expanded tensor, which would otherwise be made dense whole), then recomputes the
+  queries a chunk of heads at a time (`backward_chunk_heads`) into its scratch, and writes dq over the output's
+  gradient (a query bucket's is read by it alone, before its dq is written) and each head's dk, dv over its k and
+  v (a head's keys are read by no other head), so the packed buffers end as the projections' output gradients:
+  one GEMM gives dx, one the weights' gradient;
 - the routes' gradient reaches q and k through the sort net's bucket summaries, which are linear in q and k: their
   vector-Jacobian product needs no values of q and k, so it is added last, in place, into the buffers; the top-k
   routing's gradient is taken by hand (see `_Routes`);
@@ -53,9 +56,10 @@ class Group:
 
     def rows(self, frame, tokens):
         """Pairs of 2D row blocks (of `frame` in the group's frame, of `tokens` in token order) that hold the same
-        tokens; both are [B, T, ...] and contiguous."""
+        tokens; both are [B, T, ...] with each row's elements contiguous (`frame` may be the queries' place in a
+        packed buffer)."""
         B, T = tokens.shape[:2]
-        # reshape: views of the buffers written into (contiguous), a copy of an incoming gradient only if it must
+        # reshape: views of the buffers written into, a copy of an incoming gradient only if it must
         f, t = frame.reshape(B, T, -1), tokens.reshape(B, T, -1)
         s = self.shift
         if s == 0:
@@ -77,33 +81,24 @@ def _groups(heads, n_local, causal, bucket_size):
     return [g for g in groups if g.h1 > g.h0]
 
 
-class _Unit:
-    """One head of a group: views of its q, k, v and attention output ([B, 1, T, D]) in the group's buffers."""
+def _head_of(buf, a):
+    """Head a's [B, 1, T, D] view of a buffer [B, T, heads, D]."""
+    return buf[:, :, a:a + 1].transpose(1, 2)
 
-    def __init__(self, group, h, qkv, out, n_local):
+
+class _Unit:
+    """One head of a group: views of its q, k, v ([B, 1, T, D]) in the group's packed buffer; q holds the
+    attention output after forward, and in backward the output's gradient, then dq."""
+
+    def __init__(self, group, h, qkv, n_local):
         self.group, self.h = group, h
         self.sinkhorn_heads = slice(h - n_local, h - n_local + 1)
-        self.q, self.k, self.v = (self.head_of(qkv[:, :, i]) for i in range(3))
-        self.out = self.head_of(out)
-
-    def head_of(self, buf):
-        """The head's [B, 1, T, D] view of a group buffer [B, T, Hg, D]."""
-        a = self.h - self.group.h0
-        return buf[:, :, a:a + 1].transpose(1, 2)
+        self.q, self.k, self.v = (_head_of(qkv[:, :, i], h - group.h0) for i in range(3))
 
 
-class _Buffers:
-    """What lives from forward to backward, in two allocations: each group's packed q, k, v ([B, T, 3, Hg, D],
-    written by the projections, overwritten by their gradients in backward), and each group's attention output
-    ([B, T, Hg, D], overwritten by its gradient in backward), which goes back before the input's gradient is
-    made."""
-
-    def __init__(self, x, cfg):
-        B, T, _ = x.shape
-        D, inner = cfg.dim_head, _inner(cfg)
-        sizes = [g.h1 - g.h0 for g in cfg.groups]
-        self.qkv = carve(x.new_empty(3 * B * T * inner), [(B, T, 3, n, D) for n in sizes])
-        self.out = carve(x.new_empty(B * T * inner), [(B, T, n, D) for n in sizes])
+def _outputs(qkv):
+    """Each group's attention output ([B, T, Hg, D]), in its queries' place."""
+    return [buf[:, :, 0] for buf in qkv]
 
 
 def _workspace_numel(cfg, x, backward):
@@ -116,18 +111,20 @@ def _workspace_numel(cfg, x, backward):
 
 
 class _Scratch:
-    """Backward's scratch, one allocation: the dense rows of the output's gradient, then (the PyTorch path) one
-    head's dk, dv ([B, 1, T, D]) and the workspace. On CPU it asks for at least UNMAPPED_ON_FREE bytes, of which
-    only those used are ever touched (unless deterministic mode fills new memory): the memory goes back to the
-    system, and the allocator's threshold stays where it was."""
+    """Backward's scratch, one allocation: the dense rows of the output's gradient, then a chunk's recomputed
+    queries ([B, T, cfg.chunk_heads, D]), (the PyTorch path) one head's dk, dv ([B, 1, T, D]) and the workspace.
+    On CPU it asks for at least UNMAPPED_ON_FREE bytes, of which only those used are ever touched (unless
+    deterministic mode fills new memory): the memory goes back to the system, and the allocator's threshold stays
+    where it was."""
 
     def __init__(self, x, cfg):
         B, T, dim = x.shape
         n_work = _workspace_numel(cfg, x, backward=True)
+        queries = B * T * cfg.chunk_heads * cfg.dim_head
         head = (0,) if cfg.cpu_kernel else (B, 1, T, cfg.dim_head)  # the CPU kernel keeps dk, dv in its workspace
-        n = max(DY_ROWS * dim, 2 * torch.Size(head).numel() + n_work)
+        n = max(DY_ROWS * dim, queries + 2 * torch.Size(head).numel() + n_work)
         self.flat = x.new_empty(max(n, -(-UNMAPPED_ON_FREE // x.element_size())) if x.is_cpu else n)
-        self.dk, self.dv, self.work = carve(self.flat, [head, head, (n_work,)])
+        self.queries, self.dk, self.dv, self.work = carve(self.flat, [(queries,), head, head, (n_work,)])
 
 
 def _packed_weights(cfg, w_q, w_kv):
@@ -138,16 +135,43 @@ def _packed_weights(cfg, w_q, w_kv):
 
 
 def _project(x, w_q, w_kv, cfg):
-    """The buffers, with q, k, v projected, the heads and the Sinkhorn heads' routes (None without Sinkhorn
-    heads)."""
-    bufs = _Buffers(x, cfg)
-    for g, w, buf in zip(cfg.groups, _packed_weights(cfg, w_q, w_kv), bufs.qkv):
+    """Each group's packed q, k, v ([B, T, 3, Hg, D], one allocation: what lives from forward to backward),
+    projected; the heads, and the Sinkhorn heads' routes (None without Sinkhorn heads)."""
+    B, T, _ = x.shape
+    qkv = carve(x.new_empty(3 * B * T * _inner(cfg)), [(B, T, 3, g.h1 - g.h0, cfg.dim_head) for g in cfg.groups])
+    for g, w, buf in zip(cfg.groups, _packed_weights(cfg, w_q, w_kv), qkv):
         for f, t in g.rows(buf, x):
             torch.mm(t, w.t(), out=f)
-    units = [_Unit(g, h, qkv, out, cfg.n_local)
-             for g, qkv, out in zip(cfg.groups, bufs.qkv, bufs.out) for h in range(g.h0, g.h1)]
+    units = [_Unit(g, h, buf, cfg.n_local) for g, buf in zip(cfg.groups, qkv) for h in range(g.h0, g.h1)]
     sinkhorn = [u for u in units if not u.group.local]
-    return bufs, units, _Routes(cfg, sinkhorn) if sinkhorn else None
+    return qkv, units, _Routes(cfg, sinkhorn) if sinkhorn else None
+
+
+def _queries(cfg, x, w_q, chunk, flat):
+    """The queries of a chunk of heads of one group, recomputed into `flat` in the group's frame; [B, 1, T, D]
+    per head."""
+    B, T, _ = x.shape
+    g, h0, D = chunk[0].group, chunk[0].h, cfg.dim_head
+    q = flat[:B * T * len(chunk) * D].view(B, T, len(chunk), D)
+    w = w_q[h0 * D:(h0 + len(chunk)) * D]
+    for f, t in g.rows(q, x):
+        torch.mm(t, w.t(), out=f)
+    return [_head_of(q, a) for a in range(len(chunk))]
+
+
+def _chunks(cfg, units):
+    """Backward's chunks of heads: up to cfg.chunk_heads consecutive heads of one group."""
+    for g in cfg.groups:
+        in_group = [u for u in units if u.group is g]
+        for i in range(0, len(in_group), cfg.chunk_heads):
+            yield in_group[i:i + cfg.chunk_heads]
+
+
+def backward_chunk_heads(x, groups):
+    """Heads whose queries backward recomputes at a time: on CPU as many as its threads work on at once (each
+    takes one (batch, head) pair), so that the recomputed queries take little memory; on a GPU a whole group."""
+    largest = max(g.h1 - g.h0 for g in groups)
+    return max(1, min(largest, torch.get_num_threads() // x.shape[0])) if x.is_cpu else largest
 
 
 def _inner(cfg):
@@ -168,17 +192,18 @@ def _kinds(cfg, units):
 
 
 def _kernel_scratch_numel(cfg, backward):
-    """The CPU kernel's scratch: enough for the call of either kind of head."""
+    """The CPU kernel's scratch: enough for any of its calls (forward: all heads of a kind; backward: a chunk)."""
     heads = {}
     for g in cfg.groups:
         heads[g.local] = heads.get(g.local, 0) + g.h1 - g.h0
-    return max(cpu_kernel.scratch_numel(_layout(cfg, local), cfg.dim_head, cfg.batch * n, backward)
+    return max(cpu_kernel.scratch_numel(_layout(cfg, local), cfg.dim_head,
+                                        cfg.batch * (min(n, cfg.chunk_heads) if backward else n), backward)
                for local, n in heads.items())
 
 
-def _kernel_calls(cfg, routes, units, null_k, null_v, outputs):
-    """The CPU kernel's calls, one per kind of head with every (batch, head) of the kind; outputs(u, b): a pair's
-    output tensors."""
+def _kernel_calls(cfg, routes, units, null_k, null_v, tensors):
+    """The CPU kernel's calls, one per kind of head among `units` with every (batch, head) of the kind;
+    tensors(u, b): a pair's queries and outputs."""
     for lay, kind in _kinds(cfg, units):
         heads = cpu_kernel.Heads(lay, cfg.dim_head)
         for u in kind:
@@ -187,24 +212,25 @@ def _kernel_calls(cfg, routes, units, null_k, null_v, outputs):
             mask = u.group.mask(cfg.mask)
             for b in range(cfg.batch):
                 m = None if mask is None else mask[b, 0]
-                heads.add(bool(u.group.shift), u.q[b, 0], u.k[b, 0], u.v[b, 0], idx[b, 0], w[b, 0], *null, m, m,
-                          **outputs(u, b))
+                heads.add(bool(u.group.shift), k=u.k[b, 0], v=u.v[b, 0], idx=idx[b, 0], w=w[b, 0], null_k=null[0],
+                          null_v=null[1], q_mask=m, kv_mask=m, **tensors(u, b))
         yield heads
 
 
 def _attend(x, w_q, w_kv, null_k, null_v, cfg, seed, work):
-    """`_project`, then every head's attention output into the buffers; `work`: memory for the workspace."""
-    bufs, units, routes = _project(x, w_q, w_kv, cfg)
+    """`_project`, then every head's attention output over its queries; `work`: memory for the workspace."""
+    qkv, units, routes = _project(x, w_q, w_kv, cfg)
     if cfg.cpu_kernel:
-        for heads in _kernel_calls(cfg, routes, units, null_k, null_v, lambda u, b: dict(out=u.out[b, 0])):
+        for heads in _kernel_calls(cfg, routes, units, null_k, null_v,
+                                   lambda u, b: dict(q=u.q[b, 0], out=u.q[b, 0])):
             cpu_kernel.forward(heads, work)
-        return bufs, units, routes
+        return qkv, units, routes
     for u in units:
         lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
         mask = u.group.mask(cfg.mask)
-        blocks.forward(lay, u.q, u.k, u.v, idx, w, null_k_u, null_v_u, mask, mask, u.out,
+        blocks.forward(lay, u.q, u.k, u.v, idx, w, null_k_u, null_v_u, mask, mask, u.q,
                        blocks.Workspace(lay, u.q, flat=work))
-    return bufs, units, routes
+    return qkv, units, routes
 
 
 class SelfAttentionFunction(torch.autograd.Function):
@@ -216,9 +242,9 @@ class SelfAttentionFunction(torch.autograd.Function):
         y = x.new_empty(*x.shape[:2], w_out.shape[0])
         n_work = _workspace_numel(cfg, x, backward=False)
         work = y.view(-1) if y.numel() >= n_work else x.new_empty(n_work)
-        bufs, units, routes = _attend(x, w_q, w_kv, null_k, null_v, cfg, seed, work)
+        qkv, units, routes = _attend(x, w_q, w_kv, null_k, null_v, cfg, seed, work)
         del work
-        for i, (g, out) in enumerate(zip(cfg.groups, bufs.out)):
+        for i, (g, out) in enumerate(zip(cfg.groups, _outputs(qkv))):
             w_g = w_out[:, _cols(cfg, g)].t()
             if i == 0:  # the first group has no shift: one pair of row blocks covers every row
                 (f, t), = g.rows(out, y)
@@ -227,7 +253,7 @@ class SelfAttentionFunction(torch.autograd.Function):
                 for f, t in g.rows(out, y):
                     t.addmm_(f, w_g)
         ctx.save_for_backward(x, w_q, w_kv, w_out, null_k, null_v)
-        ctx.cfg, ctx.seed, ctx.buffers = cfg, seed, (bufs, units, routes)
+        ctx.cfg, ctx.seed, ctx.buffers = cfg, seed, (qkv, units, routes)
         return y
 
     @staticmethod
@@ -237,58 +263,57 @@ class SelfAttentionFunction(torch.autograd.Function):
         # backward turns the buffers into gradients; a second backward through the same graph rebuilds them
         # (the same dropout seed gives the same masks)
         scratch = _Scratch(x, cfg)
-        bufs, units, routes = ctx.buffers or _attend(x, w_q, w_kv, null_k, null_v, cfg, ctx.seed, scratch.work)
+        qkv, units, routes = ctx.buffers or _attend(x, w_q, w_kv, null_k, null_v, cfg, ctx.seed, scratch.work)
         ctx.buffers = None
-        d_w_out, d_b = _output_backward(cfg, bufs, dy, w_out, scratch)
+        d_w_out, d_b = _output_backward(cfg, qkv, dy, w_out, scratch)
         del dy
-        d_null = _attention_backward(cfg, bufs, units, routes, null_k, null_v, ctx.seed, scratch)
-        # the attention output's gradient is dead (units and routes hold views of it): its memory goes back before
-        # dx is made
-        del units, routes, scratch
-        bufs.out = None
-        dx, d_q, d_kv = _input_backward(cfg, bufs, x, w_q, w_kv)
+        dw, d_null = _attention_backward(cfg, x, w_q, units, routes, null_k, null_v, ctx.seed, scratch)
+        # the scratch goes back before the routes' temporaries and dx are made
+        del units, scratch
+        if routes is not None:
+            routes.backward(dw)
+        del routes
+        dx, d_q, d_kv = _input_backward(cfg, qkv, x, w_q, w_kv)
         return dx, d_q, d_kv, d_w_out, d_b, *d_null, None
 
 
-def _attention_backward(cfg, bufs, units, routes, null_k, null_v, seed, scratch):
-    """Overwrites the packed q, k, v with the gradients of the projections' outputs, routes included; returns the
-    null bucket's gradients."""
+def _attention_backward(cfg, x, w_q, units, routes, null_k, null_v, seed, scratch):
+    """Overwrites the packed q, k, v with the gradients of the attention's inputs (the queries' place holds the
+    output's gradient until then), a chunk of heads at a time with the chunk's queries recomputed; returns the
+    route weights' gradient (None without Sinkhorn heads) and the null bucket's."""
     dw = torch.zeros_like(routes.weights) if routes is not None else None
-    if cfg.cpu_kernel:
-        d_null = _kernel_backward(cfg, routes, units, null_k, null_v, scratch, dw)
-    else:
-        d_null = [torch.zeros_like(t) if t is not None else None for t in (null_k, null_v)]
-        for u in units:
-            _unit_backward(cfg, routes, u, null_k, null_v, seed, scratch, dw, d_null)
-    if routes is not None:
-        routes.backward(dw)
-    return d_null
-
-
-def _kernel_backward(cfg, routes, units, null_k, null_v, scratch, dw):
-    """`_attention_backward`'s attention part on the CPU kernel; returns the null bucket's gradients."""
-    # a null-bucket gradient per (batch, head): the kernel runs the pairs in parallel
+    # a null-bucket gradient per (batch, head): the CPU kernel runs the pairs in parallel
     d_null = [None if t is None else t.new_zeros(cfg.batch, *t.shape) for t in (null_k, null_v)]
+    for chunk in _chunks(cfg, units):
+        queries = dict(zip(chunk, _queries(cfg, x, w_q, chunk, scratch.queries)))
+        if cfg.cpu_kernel:
+            _kernel_backward(cfg, routes, chunk, queries, null_k, null_v, scratch, dw, d_null)
+        else:
+            for u in chunk:
+                _unit_backward(cfg, routes, u, queries[u], null_k, null_v, seed, scratch, dw, d_null)
+    return dw, [None if d is None else d.sum(0) for d in d_null]
 
-    def outputs(u, b):
-        out = dict(dout=u.out[b, 0], dq=u.q[b, 0], dk=u.k[b, 0], dv=u.v[b, 0])
+
+def _kernel_backward(cfg, routes, chunk, queries, null_k, null_v, scratch, dw, d_null):
+    """`_attention_backward` of a chunk on the CPU kernel."""
+    def tensors(u, b):
+        out = dict(q=queries[u][b, 0], dout=u.q[b, 0], dq=u.q[b, 0], dk=u.k[b, 0], dv=u.v[b, 0])
         if not u.group.local:
             out['dw'] = dw[b, u.sinkhorn_heads][0]
             if null_k is not None:
                 out['dnull_k'], out['dnull_v'] = (d[b, u.sinkhorn_heads].view(-1) for d in d_null)
         return out
 
-    for heads in _kernel_calls(cfg, routes, units, null_k, null_v, outputs):
+    for heads in _kernel_calls(cfg, routes, chunk, null_k, null_v, tensors):
         cpu_kernel.backward(heads, scratch.work)
-    return [None if d is None else d.sum(0) for d in d_null]
 
 
-def _input_backward(cfg, bufs, x, w_q, w_kv):
+def _input_backward(cfg, qkv, x, w_q, w_kv):
     """dx and the q and kv projections' weight gradients from the packed gradients of their outputs."""
     dx = x.new_empty(x.shape)
     d_q, d_kv = torch.zeros_like(w_q), torch.zeros_like(w_kv)
     inner = _inner(cfg)
-    for i, (g, buf, w) in enumerate(zip(cfg.groups, bufs.qkv, _packed_weights(cfg, w_q, w_kv))):
+    for i, (g, buf, w) in enumerate(zip(cfg.groups, qkv, _packed_weights(cfg, w_q, w_kv))):
         d_packed = torch.zeros_like(w)
         for f, t in g.rows(buf, x):
             d_packed.addmm_(f.t(), t)
@@ -299,11 +324,11 @@ def _input_backward(cfg, bufs, x, w_q, w_kv):
     return dx, d_q, d_kv
 
 
-def _output_backward(cfg, bufs, dy, w_out, scratch):
+def _output_backward(cfg, qkv, dy, w_out, scratch):
     """The output projection's weight and bias gradients; overwrites each group's attention output with its
     gradient."""
     d_w_out = torch.zeros_like(w_out)
-    for g, out in zip(cfg.groups, bufs.out):
+    for g, out in zip(cfg.groups, _outputs(qkv)):
         cols = _cols(cfg, g)
         for f, t in g.rows(out, dy):
             for r in range(0, f.shape[0], DY_ROWS):
@@ -315,9 +340,9 @@ def _output_backward(cfg, bufs, dy, w_out, scratch):
     return d_w_out, dy.sum(dim=(0, 1))
 
 
-def _unit_backward(cfg, routes, u, null_k, null_v, seed, scratch, dw, d_null):
-    """Overwrites the head's q, k, v with their gradients (its output's gradient is in u.out); fills its part of
-    the route weights' and the null bucket's gradients."""
+def _unit_backward(cfg, routes, u, q, null_k, null_v, seed, scratch, dw, d_null):
+    """Overwrites the head's q, k, v with their gradients (its output's gradient is in u.q; q: its recomputed
+    queries); fills its part of the route weights' and the null bucket's gradients."""
     dk, dv = scratch.dk, scratch.dv
     lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
     dk.zero_()
@@ -325,15 +350,15 @@ def _unit_backward(cfg, routes, u, null_k, null_v, seed, scratch, dw, d_null):
     mask = u.group.mask(cfg.mask)
     need_w = not u.group.local
     ws = blocks.Workspace(lay, u.q, backward=True, raw_blocks=need_w, flat=scratch.work)
-    dw_u, dn_k, dn_v = blocks.backward(lay, need_w, u.q, u.k, u.v, idx, w, null_k_u, null_v_u, mask, mask,
-                                       u.out, u.q, dk, dv, ws)
+    dw_u, dn_k, dn_v = blocks.backward(lay, need_w, q, u.k, u.v, idx, w, null_k_u, null_v_u, mask, mask,
+                                       u.q, u.q, dk, dv, ws)
     u.k.copy_(dk)
     u.v.copy_(dv)
     if need_w:
         dw[:, u.sinkhorn_heads] = dw_u
     if dn_k is not None:
         for d, dn in zip(d_null, (dn_k, dn_v)):
-            d[u.sinkhorn_heads] += dn.view_as(d[u.sinkhorn_heads])
+            d[0, u.sinkhorn_heads] += dn.view_as(d[0, u.sinkhorn_heads])
 
 
 def _layout(cfg, local, seed=0, rotated=False):
@@ -394,7 +419,7 @@ class _Routes:
         if self.rows == 1:
             dw = dw.sum(dim=2, keepdim=True)
         d_scores = topk_routes_backward(self.scores, dw, **self.routing())[..., self.n_null:]
-        d_scores = d_scores * self.sq.shape[-1] ** -0.5  # summary_scores: scaled dot products
+        d_scores.mul_(self.sq.shape[-1] ** -0.5)  # summary_scores: scaled dot products
         d_sq = torch.einsum('bhij,bhjd->bhid', d_scores, self.sk)
         d_sk = torch.einsum('bhij,bhid->bhjd', d_scores, self.sq)
         for u in self.units:
@@ -446,5 +471,6 @@ def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, hea
     # routes of a Sinkhorn head, its own bucket included: the layouts and the workspace are sized by it
     cfg.n_routes = routes_per_query_bucket(causal, cfg.n_top, n_sortcut, Nk) + cfg.own_bucket
     cfg.cpu_kernel = cpu_kernel.applies(x, bucket_size, dim_head, dropout_p)
+    cfg.chunk_heads = backward_chunk_heads(x, cfg.groups)
     null_k, null_v = null_kv if null_kv is not None and n_local_heads < heads else (None, None)
     return SelfAttentionFunction.apply(x, q_weight, kv_weight, out_weight, out_bias, null_k, null_v, cfg)

@@ -109,7 +109,8 @@ def add_sort_summaries_vjp(d_sq, d_sk, dq, dk, *, bucket_size, kv_bucket_size, c
 
 def summary_scores(sq, sk, n_null=0):
     """Scaled dot products of query and key bucket summaries, with `n_null` leading zero columns."""
-    return F.pad(torch.einsum('bhid,bhjd->bhij', sq, sk) * sq.shape[-1] ** -0.5, (n_null, 0))
+    scores = torch.einsum('bhid,bhjd->bhij', sq * sq.shape[-1] ** -0.5, sk)
+    return F.pad(scores, (n_null, 0)) if n_null else scores
 
 
 def attention_sort_scores(q, k, *, bucket_size, kv_bucket_size, causal, n_sortcut=0, n_null=0, q_mask=None,

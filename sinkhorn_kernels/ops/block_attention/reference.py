@@ -1,8 +1,9 @@
 """Block attention in plain PyTorch, with a FlashAttention-style backward.
 
 q, k, v, the output and dq may have any strides whose last is 1 (the fused layer passes views of the
-projections' [B, T, 3, H, D] output and writes dq over q: a chunk's queries are read before its dq is written
-and never again); a head's key blocks are read in place as a [Nk, kbs, D] view. dk and dv are accumulated in
+projections' [B, T, 3, H, D] output, writes the output over q and in backward dq over the output's gradient: a
+chunk's queries are read before its output is written, its output's gradient before its dq, and never again); a
+head's key blocks are read in place as a [Nk, kbs, D] view. dk and dv are accumulated in
 [B, H, Tk, D] buffers whose heads are contiguous (index_add into strided rows is an order of magnitude slower).
 The caller owns every output buffer, so the fused layer can place them in memory it already holds.
 idx, w: [B, H, Nq, K'] routes per query bucket, the own bucket (if any) appended last with weight 1;
@@ -215,7 +216,7 @@ def dropped(lay, p, n):
 
 
 def forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, ws=None):
-    """Writes the attention output into `out` [B, H, Tq, D]."""
+    """Writes the attention output into `out` [B, H, Tq, D] (which may be q)."""
     ws = ws or Workspace(lay, q)
     bs = lay.bs
     for n, b_, h, head, c0, c1 in heads(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask):
@@ -225,7 +226,7 @@ def forward(lay, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, ws=None)
 
 
 def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout, dq, dk, dv, ws=None):
-    """Writes dq (which may be q itself: a chunk's queries are read before its dq is written) and adds into dk, dv
+    """Writes dq (which may be q or dout: a chunk's are read before its dq is written) and adds into dk, dv
     ([B, H, Tk, D], each head's [Tk, D] contiguous). Returns the gradients of the route weights (if `need_w`) and
     of the null bucket."""
     bs, kbs, Nk, D = lay.bs, lay.kbs, lay.Nk, q.shape[-1]
@@ -250,7 +251,7 @@ def backward(lay, need_w, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, dout
         torch.bmm(ds.transpose(1, 2), b.queries, out=b.kw)
         if lay.q_scale != 1:
             b.dq.mul_(lay.q_scale)
-        dq[b_, h, c0 * bs:c1 * bs] = b.dq.view(-1, D)  # after the last read of the queries, which dq may overwrite
+        dq[b_, h, c0 * bs:c1 * bs] = b.dq.view(-1, D)  # after the last reads of q and dout, which dq may be
         dk_w, dv_w = blocks(b.kw), blocks(b.vw)
         if dw is not None:
             dw[b_, h, c0:c1] = lay.k_scale * block_dots(dk_w, blocks(b.k)) + block_dots(dv_w, blocks(b.v))

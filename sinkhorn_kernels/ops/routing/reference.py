@@ -12,7 +12,7 @@ def topk_routing(scores, k, temperature):
         weight, index = probs.topk(1, dim=-1)
         indices.append(index)
         weights.append(weight)
-        logits = logits.scatter(-1, index, float('-inf'))
+        logits.scatter_(-1, index, float('-inf'))  # in place: the softmax keeps its output, not its input
     return torch.cat(indices, dim=-1), torch.cat(weights, dim=-1)
 
 
@@ -26,6 +26,6 @@ def topk_routing_backward(scores, k, temperature, d_weights):
         probs = logits.softmax(dim=-1)
         weight, index = probs.topk(1, dim=-1)
         g = d_weights[..., j:j + 1] * weight
-        d_logits.scatter_add_(-1, index, g).sub_(g * probs)
-        logits = logits.scatter(-1, index, float('-inf'))
-    return d_logits / temperature
+        d_logits.scatter_add_(-1, index, g).addcmul_(g, probs, value=-1)
+        logits.scatter_(-1, index, float('-inf'))
+    return d_logits.div_(temperature)
