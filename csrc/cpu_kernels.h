@@ -1,6 +1,7 @@
 // Host entry points of the CPU kernels (fp32). Like the CUDA ones they take raw pointers, sizes and strides in
 // elements, and nothing here knows about torch.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace sinkhorn_kernels::cpu {
@@ -47,5 +48,8 @@ void block_attention_forward(const Layout& lay, const Head* heads, int64_t n_hea
 void block_attention_backward(const Layout& lay, const Head* heads, int64_t n_heads, int n_workers, float* scratch);
 // the instruction set of the build in use: "avx512", "avx2" or "generic"
 const char* isa_name();
+// Asks the OS to back the pages of [p, p + bytes), not yet touched, with transparent huge pages (Linux, where
+// they are enabled for madvise or always); whether it took the advice.
+bool advise_huge_pages(void* p, size_t bytes);
 
 }  // namespace sinkhorn_kernels::cpu

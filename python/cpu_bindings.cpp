@@ -77,4 +77,6 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("block_attention_backward", [](const py::dict& lay, const py::list& heads, int n_workers, uintptr_t scratch) {
     call(block_attention_backward, lay, heads, n_workers, scratch);
   });
+  m.def("advise_huge_pages",
+        [](uintptr_t p, size_t bytes) { return advise_huge_pages(reinterpret_cast<void*>(p), bytes); });
 }

@@ -190,6 +190,14 @@ def test_kernel_applies_to_fp32_without_dropout_and_whole_vectors():
     assert not cpu.applies(x, 16, 24, 0.0)
 
 
+@pytest.mark.skipif(not os.path.exists('/sys/kernel/mm/transparent_hugepage'), reason='no transparent huge pages')
+def test_huge_page_advice_takes_the_whole_pages_of_a_buffer():
+    t = torch.empty(4 << 20)
+    assert cpu._cpu.advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
+    assert not cpu._cpu.advise_huge_pages(t.data_ptr() + 1, 100)  # no whole page inside
+    assert cpu.on_huge_pages(t.fill_(2)) is t and bool((t == 2).all())
+
+
 def test_kernel_rejects_rows_that_are_not_unit_stride():
     lay = blocks.Layout(2, 16, 2, 16, 1, False, 0, False, False, True, 0.25, 0.0, 0)
     t = torch.randn(32, 16)

@@ -22,7 +22,8 @@ makes dq, dk, dv and the projections' input gradients as new tensors. Here:
   vector-Jacobian product needs no values of q and k, so it is added last, in place, into the buffers; the top-k
   routing's gradient is taken by hand (see `_Routes`);
 - forward's chunk workspace lives in y's memory until y is written; backward's scratch is one allocation of at
-  least 32 MiB (see `UNMAPPED_ON_FREE`).
+  least 32 MiB (see `UNMAPPED_ON_FREE`); on CPU the large buffers (q, k, v, y, the scratch, dx) ask for huge
+  pages (`block_attention.cpu.on_huge_pages`).
 """
 from types import SimpleNamespace
 
@@ -123,7 +124,8 @@ class _Scratch:
         queries = B * T * cfg.chunk_heads * cfg.dim_head
         head = (0,) if cfg.cpu_kernel else (B, 1, T, cfg.dim_head)  # the CPU kernel keeps dk, dv in its workspace
         n = max(DY_ROWS * dim, queries + 2 * torch.Size(head).numel() + n_work)
-        self.flat = x.new_empty(max(n, -(-UNMAPPED_ON_FREE // x.element_size())) if x.is_cpu else n)
+        self.flat = cpu_kernel.on_huge_pages(
+            x.new_empty(max(n, -(-UNMAPPED_ON_FREE // x.element_size())) if x.is_cpu else n))
         self.queries, self.dk, self.dv, self.work = carve(self.flat, [(queries,), head, head, (n_work,)])
 
 
@@ -138,7 +140,8 @@ def _project(x, w_q, w_kv, cfg):
     """Each group's packed q, k, v ([B, T, 3, Hg, D], one allocation: what lives from forward to backward),
     projected; the heads, and the Sinkhorn heads' routes (None without Sinkhorn heads)."""
     B, T, _ = x.shape
-    qkv = carve(x.new_empty(3 * B * T * _inner(cfg)), [(B, T, 3, g.h1 - g.h0, cfg.dim_head) for g in cfg.groups])
+    qkv = carve(cpu_kernel.on_huge_pages(x.new_empty(3 * B * T * _inner(cfg))),
+                [(B, T, 3, g.h1 - g.h0, cfg.dim_head) for g in cfg.groups])
     for g, w, buf in zip(cfg.groups, _packed_weights(cfg, w_q, w_kv), qkv):
         for f, t in g.rows(buf, x):
             torch.mm(t, w.t(), out=f)
@@ -239,7 +242,7 @@ class SelfAttentionFunction(torch.autograd.Function):
         x = x.contiguous()
         seed = int(dropout_seed(cfg.dropout_p, x.device))
         # the attention's workspace lives in y's memory until the output projection writes y
-        y = x.new_empty(*x.shape[:2], w_out.shape[0])
+        y = cpu_kernel.on_huge_pages(x.new_empty(*x.shape[:2], w_out.shape[0]))
         n_work = _workspace_numel(cfg, x, backward=False)
         work = y.view(-1) if y.numel() >= n_work else x.new_empty(n_work)
         qkv, units, routes = _attend(x, w_q, w_kv, null_k, null_v, cfg, seed, work)
@@ -310,7 +313,7 @@ def _kernel_backward(cfg, routes, chunk, queries, null_k, null_v, scratch, dw, d
 
 def _input_backward(cfg, qkv, x, w_q, w_kv):
     """dx and the q and kv projections' weight gradients from the packed gradients of their outputs."""
-    dx = x.new_empty(x.shape)
+    dx = cpu_kernel.on_huge_pages(x.new_empty(x.shape))
     d_q, d_kv = torch.zeros_like(w_q), torch.zeros_like(w_kv)
     inner = _inner(cfg)
     for i, (g, buf, w) in enumerate(zip(cfg.groups, qkv, _packed_weights(cfg, w_q, w_kv))):
