@@ -153,7 +153,7 @@ def layer_grads(layer, x, mask, weights):
 def test_fused_layer_on_the_kernel_equals_reference(cfg, masked, chunk_heads, monkeypatch):
     """SinkhornSelfAttention in fp32 runs the kernel (forward: one call per kind of head; backward: one per chunk
     of heads, a short last chunk included) and stays within the rule of the PyTorch path in float64."""
-    monkeypatch.setattr(self_attention, 'backward_chunk_heads', lambda x, groups: chunk_heads)
+    monkeypatch.setattr(self_attention, 'backward_chunk_heads', lambda x, dim_head, groups: chunk_heads)
     B, T = 2, 128
     layer = SinkhornSelfAttention(32, 16, T, heads=4, dim_head=16, **cfg)
     x = torch.randn(B, T, 32, dtype=torch.float64, requires_grad=True)

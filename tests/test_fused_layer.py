@@ -78,9 +78,9 @@ def test_fused_layer_backward_chunks_of_heads_do_not_change_results(cfg, chunk_h
     x = torch.randn(2, 32, 16, **f64, requires_grad=True)
     mask = torch.ones(2, 32, dtype=torch.bool)
     mask[0, :3] = False
-    monkeypatch.setattr(self_attention, 'backward_chunk_heads', lambda x, groups: 4)
+    monkeypatch.setattr(self_attention, 'backward_chunk_heads', lambda x, dim_head, groups: 4)
     whole = forward_backward(layer, x, mask, True, monkeypatch)
-    monkeypatch.setattr(self_attention, 'backward_chunk_heads', lambda x, groups: chunk_heads)
+    monkeypatch.setattr(self_attention, 'backward_chunk_heads', lambda x, dim_head, groups: chunk_heads)
     for a, b in zip(forward_backward(layer, x, mask, True, monkeypatch), whole):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 

@@ -170,11 +170,14 @@ def _chunks(cfg, units):
             yield in_group[i:i + cfg.chunk_heads]
 
 
-def backward_chunk_heads(x, groups):
-    """Heads whose queries backward recomputes at a time: on CPU as many as its threads work on at once (each
-    takes one (batch, head) pair), so that the recomputed queries take little memory; on a GPU a whole group."""
+def backward_chunk_heads(x, dim_head, groups):
+    """Heads whose queries backward recomputes at a time. On CPU: a (batch, head) pair for every thread, or more,
+    up to half as many query columns as x has (the larger chunk makes a faster GEMM, and backward's peak stays
+    where dx is made: dx takes twice that memory); on a GPU a whole group."""
     largest = max(g.h1 - g.h0 for g in groups)
-    return max(1, min(largest, torch.get_num_threads() // x.shape[0])) if x.is_cpu else largest
+    if not x.is_cpu:
+        return largest
+    return max(1, min(largest, max(torch.get_num_threads() // x.shape[0], x.shape[-1] // (2 * dim_head))))
 
 
 def _inner(cfg):
@@ -474,6 +477,6 @@ def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, hea
     # routes of a Sinkhorn head, its own bucket included: the layouts and the workspace are sized by it
     cfg.n_routes = routes_per_query_bucket(causal, cfg.n_top, n_sortcut, Nk) + cfg.own_bucket
     cfg.cpu_kernel = cpu_kernel.applies(x, bucket_size, dim_head, dropout_p)
-    cfg.chunk_heads = backward_chunk_heads(x, cfg.groups)
+    cfg.chunk_heads = backward_chunk_heads(x, dim_head, cfg.groups)
     null_k, null_v = null_kv if null_kv is not None and n_local_heads < heads else (None, None)
     return SelfAttentionFunction.apply(x, q_weight, kv_weight, out_weight, out_bias, null_k, null_v, cfg)
