@@ -195,7 +195,8 @@ def test_huge_page_advice_takes_the_whole_pages_of_a_buffer():
     t = torch.empty(4 << 20)
     assert cpu._cpu.advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
     assert not cpu._cpu.advise_huge_pages(t.data_ptr() + 1, 100)  # no whole page inside
-    assert cpu.on_huge_pages(t.fill_(2)) is t and bool((t == 2).all())
+    big = torch.empty(cpu.HUGE_PAGES_MIN_BYTES // 4)
+    assert cpu.on_huge_pages(big.fill_(2)) is big and bool((big == 2).all())
 
 
 def test_kernel_rejects_rows_that_are_not_unit_stride():

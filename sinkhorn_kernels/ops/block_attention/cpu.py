@@ -27,14 +27,18 @@ enabled = _cpu is not None and os.environ.get('SINKHORN_KERNELS_CPU_KERNEL', '1'
 
 # SINKHORN_KERNELS_HUGE_PAGES=0: the fused layer's buffers stay on the pages the allocator gives
 huge_pages = _cpu is not None and os.environ.get('SINKHORN_KERNELS_HUGE_PAGES', '1') != '0'
+# glibc maps a block this large on its own (its largest mmap threshold), so the advice never lands on its heap,
+# whose one mapping each advised range would split
+HUGE_PAGES_MIN_BYTES = 32 << 20
 
 
 def on_huge_pages(t):
-    """t, its memory (on CPU, not yet written) advised onto transparent huge pages where the OS has them for
-    madvise: a large buffer's first writes then fault once per huge page rather than per 4 KiB page, and the GEMMs
-    and kernels that stream it miss the TLB less (~8% of the 16k-token layer's step here)."""
-    if huge_pages and t.is_cpu:
-        _cpu.advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
+    """t, its memory (on CPU, not yet written, at least HUGE_PAGES_MIN_BYTES) advised onto transparent huge pages
+    where the OS has them for madvise: the first writes then fault once per huge page rather than per 4 KiB page,
+    and the GEMMs and kernels that stream the buffer miss the TLB less (~8% of the 16k-token layer's step here)."""
+    n = t.numel() * t.element_size()
+    if huge_pages and t.is_cpu and n >= HUGE_PAGES_MIN_BYTES:
+        _cpu.advise_huge_pages(t.data_ptr(), n)
     return t
 
 
