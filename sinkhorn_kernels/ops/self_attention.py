@@ -7,8 +7,8 @@ makes dq, dk, dv and the projections' input gradients as new tensors. Here:
   the causal half-head rotation is a shift of the rows the projections read and write, never a copy; a group's
   q, k, v live in one packed [B, T, 3, Hg, D] buffer, written by one GEMM;
 - block attention reads each head's q, k, v in place in those buffers (no contiguous copies): on CPU in fp32 the
-  fused C++ kernel (`block_attention.cpu`) does, all heads of a kind in one call, and the PyTorch reference
-  otherwise, one head at a time;
+  fused C++ kernel (`block_attention.cpu`) does, all heads of a kind in one call (in backward, those of a
+  chunk), and the PyTorch reference otherwise, one head at a time;
 - the attention output is written over the queries (a query bucket's queries are read by it alone, before its
   output is written; the routes are made first), so from forward to backward the layer holds q, k, v and nothing
   else; the output projection reads it there, one GEMM per group;
@@ -22,8 +22,8 @@ makes dq, dk, dv and the projections' input gradients as new tensors. Here:
   vector-Jacobian product needs no values of q and k, so it is added last, in place, into the buffers; the top-k
   routing's gradient is taken by hand (see `_Routes`);
 - forward's chunk workspace lives in y's memory until y is written; backward's scratch is one allocation of at
-  least 32 MiB (see `UNMAPPED_ON_FREE`); on CPU the large buffers (q, k, v, y, the scratch, dx) ask for huge
-  pages (`block_attention.cpu.on_huge_pages`).
+  least 32 MiB (see `UNMAPPED_ON_FREE`); on CPU the large buffers (q, k, v, y, the scratch, dx; those of 32 MiB
+  or more) ask for huge pages (`block_attention.cpu.on_huge_pages`).
 """
 from types import SimpleNamespace
 
