@@ -213,7 +213,7 @@ def _kernel_calls(cfg, routes, units, null_k, null_v, tensors):
     for lay, kind in _kinds(cfg, units):
         heads = cpu_kernel.Heads(lay, cfg.dim_head)
         for u in kind:
-            _, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, 0)
+            idx, w, null_k_u, null_v_u = _unit_routes(cfg, routes, u, null_k, null_v)
             null = [None if t is None else t.view(-1) for t in (null_k_u, null_v_u)]
             mask = u.group.mask(cfg.mask)
             for b in range(cfg.batch):
@@ -232,7 +232,7 @@ def _attend(x, w_q, w_kv, null_k, null_v, cfg, seed, work):
             cpu_kernel.forward(heads, work)
         return qkv, units, routes
     for u in units:
-        lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
+        lay, (idx, w, null_k_u, null_v_u) = _unit_layout(cfg, u, seed), _unit_routes(cfg, routes, u, null_k, null_v)
         mask = u.group.mask(cfg.mask)
         blocks.forward(lay, u.q, u.k, u.v, idx, w, null_k_u, null_v_u, mask, mask, u.q,
                        blocks.Workspace(lay, u.q, flat=work))
@@ -350,7 +350,7 @@ def _unit_backward(cfg, routes, u, q, null_k, null_v, seed, scratch, dw, d_null)
     """Overwrites the head's q, k, v with their gradients (its output's gradient is in u.q; q: its recomputed
     queries); fills its part of the route weights' and the null bucket's gradients."""
     dk, dv = scratch.dk, scratch.dv
-    lay, idx, w, null_k_u, null_v_u = _unit_layout(cfg, routes, u, null_k, null_v, seed)
+    lay, (idx, w, null_k_u, null_v_u) = _unit_layout(cfg, u, seed), _unit_routes(cfg, routes, u, null_k, null_v)
     dk.zero_()
     dv.zero_()
     mask = u.group.mask(cfg.mask)
@@ -376,16 +376,20 @@ def _layout(cfg, local, seed=0, rotated=False):
                          cfg.causal, False, False, cfg.scale, cfg.dropout_p, seed)
 
 
-def _unit_layout(cfg, routes, u, null_k, null_v, seed):
-    """The block-attention layout and routes of a head."""
+def _unit_layout(cfg, u, seed):
+    """The block-attention layout of a head (for the PyTorch path: its dropout seed and rotation)."""
     # dropout draws one mask per (batch, chunk) of a head: at most B * Nq draws from each head's seed
-    lay = _layout(cfg, u.group.local, seed + u.h * cfg.batch * cfg.Nq, rotated=bool(u.group.shift))
+    return _layout(cfg, u.group.local, seed + u.h * cfg.batch * cfg.Nq, rotated=bool(u.group.shift))
+
+
+def _unit_routes(cfg, routes, u, null_k, null_v):
+    """A head's routes (indices, weights) and null bucket (null_k, null_v: [1, D] each, or None)."""
     if u.group.local:
         idx = cfg.local_idx.expand(cfg.batch, 1, -1, -1)
-        return lay, idx, torch.ones(idx.shape, dtype=cfg.dtype, device=idx.device), None, None
+        return idx, torch.ones(idx.shape, dtype=cfg.dtype, device=idx.device), None, None
     idx, w = routes.indices[:, u.sinkhorn_heads], routes.weights[:, u.sinkhorn_heads]
     null = [None if t is None else t[u.sinkhorn_heads].reshape(1, -1) for t in (null_k, null_v)]
-    return lay, idx, w, *null
+    return idx, w, *null
 
 
 class _Routes:
