@@ -13,6 +13,7 @@ import os
 
 import torch
 
+
 def _load():
     try:
         return importlib.import_module('sinkhorn_kernels._cpu')
@@ -111,11 +112,12 @@ def _run(kernel, heads, backward, scratch):
 
 
 def forward(heads, scratch=None):
-    """Writes every head's attention output; `scratch`: fp32 memory of any contents (allocated if too small)."""
+    """Writes every head's attention output (which may be its q); `scratch`: fp32 memory of any contents
+    (allocated if too small)."""
     _run(_cpu.block_attention_forward, heads, False, scratch)
 
 
 def backward(heads, scratch=None):
-    """Writes dq, dk, dv (which may be q, k, v themselves) and dw; adds into dnull_k / dnull_v (each pair its own:
-    the pairs run in parallel)."""
+    """Writes dq (which may be q or dout), dk, dv (which may be k, v) and dw; adds into dnull_k / dnull_v (each
+    pair its own: the pairs run in parallel)."""
     _run(_cpu.block_attention_backward, heads, True, scratch)
