@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sinkhorn_kernels.attention import SinkhornSelfAttention
-from sinkhorn_kernels.ops import self_attention
+from sinkhorn_kernels.ops import cpu_extension, self_attention
 from sinkhorn_kernels.ops.block_attention import cpu, with_own_bucket
 from sinkhorn_kernels.ops.block_attention import reference as blocks
 
@@ -69,7 +69,10 @@ CASES = {
 }
 
 
-def run_case(case, B=2, H=3, T=64, D=16, bs=16):
+def run_case(case, B=2, H=3, T=64, D=16, bs=16, layer_aliases=False):
+    """The kernel's outputs and gradients, and the reference's in fp32 and float64. Gradients are written over q,
+    k, v; with layer_aliases as the fused layer writes them: the output over the queries, then (with the queries
+    recomputed elsewhere) the output's gradient in their place and dq over it."""
     torch.manual_seed(0)
     causal, kbs = case.get('causal', False), case.get('kbs', bs)
     Nq, Nk = T // bs, T // kbs
@@ -96,28 +99,34 @@ def run_case(case, B=2, H=3, T=64, D=16, bs=16):
         dw, dnk, dnv = blocks.backward(lay, True, q, k, v, idx, w.to(dtype), *null, mask, mask, dout, dq, dk, dv)
         return dict(out=out, dq=dq, dk=dk, dv=dv, dw=dw, dnull_k=dnk, dnull_v=dnv)
 
-    # the kernel in the fused layer's way: q, k, v strided views, gradients written over them
+    # the kernel in the fused layer's way: q, k, v strided views of one buffer
     qkv = torch.stack([q64, k64, v64], 2).float().transpose(1, 3).contiguous()  # [B, T, 3, H, D]
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    queries = q.clone()
     null = [None if t is None else t.float() for t in null64]
     dout = dout64.float()
-    out = torch.empty(B, T, H, D).transpose(1, 2)
+    out = q if layer_aliases else torch.empty(B, T, H, D).transpose(1, 2)
     cpu.forward(kernel_heads(lay, q, k, v, idx, w, *null, mask, mask, out=out))
     got = dict(out=out.clone())
+    if layer_aliases:
+        q.copy_(dout)
+        q, dout = queries, q
+    dq = dout if layer_aliases else q
     dw = torch.empty(B, H, *idx.shape[2:])
     dnull = [torch.zeros(B, H, D) for _ in range(2)] if null[0] is not None else []
     extra = dict(dnull_k=dnull[0], dnull_v=dnull[1]) if dnull else {}
-    cpu.backward(kernel_heads(lay, q, k, v, idx, w, *null, mask, mask, dout=dout, dq=q, dk=k, dv=v, dw=dw,
+    cpu.backward(kernel_heads(lay, q, k, v, idx, w, *null, mask, mask, dout=dout, dq=dq, dk=k, dv=v, dw=dw,
                               **extra))
-    got.update(dq=q, dk=k, dv=v, dw=dw)
+    got.update(dq=dq, dk=k, dv=v, dw=dw)
     if dnull:
         got.update(dnull_k=dnull[0].sum(0), dnull_v=dnull[1].sum(0))
     return got, reference(torch.float32), reference(torch.float64)
 
 
 @pytest.mark.parametrize('case', CASES.values(), ids=CASES.keys())
-def test_kernel_equals_reference(case):
-    got, ref32, ref64 = run_case(case)
+@pytest.mark.parametrize('layer_aliases', [False, True], ids=['dq over q', 'out over q, dq over dout'])
+def test_kernel_equals_reference(case, layer_aliases):
+    got, ref32, ref64 = run_case(case, layer_aliases=layer_aliases)
     for name, t in got.items():
         assert_within_rule(t, ref32[name], ref64[name], name)
 
@@ -125,7 +134,7 @@ def test_kernel_equals_reference(case):
 def test_every_build_equals_reference():
     """The avx2 and generic builds (which other CPUs run) against the reference, each in a process of its own."""
     code = ('import sys; sys.path.insert(0, "tests"); import test_cpu_kernel as t; '
-            '[t.test_kernel_equals_reference(c) for c in t.CASES.values()]; '
+            '[t.test_kernel_equals_reference(c, a) for c in t.CASES.values() for a in (False, True)]; '
             'from sinkhorn_kernels.ops.block_attention import cpu; print(cpu._cpu.isa)')
     for isa in ('avx2', 'generic'):
         env = dict(os.environ, SINKHORN_KERNELS_CPU_ISA=isa)
@@ -193,10 +202,11 @@ def test_kernel_applies_to_fp32_without_dropout_and_whole_vectors():
 @pytest.mark.skipif(not os.path.exists('/sys/kernel/mm/transparent_hugepage'), reason='no transparent huge pages')
 def test_huge_page_advice_takes_the_whole_pages_of_a_buffer():
     t = torch.empty(4 << 20)
-    assert cpu._cpu.advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
-    assert not cpu._cpu.advise_huge_pages(t.data_ptr() + 1, 100)  # no whole page inside
-    big = torch.empty(cpu.HUGE_PAGES_MIN_BYTES // 4)
-    assert cpu.on_huge_pages(big.fill_(2)) is big and bool((big == 2).all())
+    ext = cpu_extension.load()
+    assert ext.advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
+    assert not ext.advise_huge_pages(t.data_ptr() + 1, 100)  # no whole page inside
+    big = torch.empty(cpu_extension.HUGE_PAGES_MIN_BYTES // 4)
+    assert cpu_extension.on_huge_pages(big.fill_(2)) is big and bool((big == 2).all())
 
 
 def test_kernel_rejects_rows_that_are_not_unit_stride():
