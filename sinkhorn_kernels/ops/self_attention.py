@@ -23,7 +23,7 @@ makes dq, dk, dv and the projections' input gradients as new tensors. Here:
   routing's gradient is taken by hand (see `_Routes`);
 - forward's chunk workspace lives in y's memory until y is written; backward's scratch is one allocation of at
   least 32 MiB (see `UNMAPPED_ON_FREE`); on CPU the large buffers (q, k, v, y, the scratch, dx; those of 32 MiB
-  or more) ask for huge pages (`block_attention.cpu.on_huge_pages`).
+  or more) ask for huge pages (`cpu_extension.on_huge_pages`).
 """
 from types import SimpleNamespace
 
@@ -34,6 +34,7 @@ from .backends import resolve_backend
 from .block_attention import cpu as cpu_kernel
 from .block_attention import dropout_seed, local_routes, with_own_bucket
 from .block_attention import reference as blocks
+from .cpu_extension import on_huge_pages
 from .outputs import carve
 from .sinkhorn_attention import (add_sort_summaries_vjp, routes_per_query_bucket, sort_summaries, summary_scores,
                                  topk_routes, topk_routes_backward)
@@ -124,7 +125,7 @@ class _Scratch:
         queries = B * T * cfg.chunk_heads * cfg.dim_head
         head = (0,) if cfg.cpu_kernel else (B, 1, T, cfg.dim_head)  # the CPU kernel keeps dk, dv in its workspace
         n = max(DY_ROWS * dim, queries + 2 * torch.Size(head).numel() + n_work)
-        self.flat = cpu_kernel.on_huge_pages(
+        self.flat = on_huge_pages(
             x.new_empty(max(n, -(-UNMAPPED_ON_FREE // x.element_size())) if x.is_cpu else n))
         self.queries, self.dk, self.dv, self.work = carve(self.flat, [(queries,), head, head, (n_work,)])
 
@@ -140,7 +141,7 @@ def _project(x, w_q, w_kv, cfg):
     """Each group's packed q, k, v ([B, T, 3, Hg, D], one allocation: what lives from forward to backward),
     projected; the heads, and the Sinkhorn heads' routes (None without Sinkhorn heads)."""
     B, T, _ = x.shape
-    qkv = carve(cpu_kernel.on_huge_pages(x.new_empty(3 * B * T * _inner(cfg))),
+    qkv = carve(on_huge_pages(x.new_empty(3 * B * T * _inner(cfg))),
                 [(B, T, 3, g.h1 - g.h0, cfg.dim_head) for g in cfg.groups])
     for g, w, buf in zip(cfg.groups, _packed_weights(cfg, w_q, w_kv), qkv):
         for f, t in g.rows(buf, x):
@@ -245,7 +246,7 @@ class SelfAttentionFunction(torch.autograd.Function):
         x = x.contiguous()
         seed = int(dropout_seed(cfg.dropout_p, x.device))
         # the attention's workspace lives in y's memory until the output projection writes y
-        y = cpu_kernel.on_huge_pages(x.new_empty(*x.shape[:2], w_out.shape[0]))
+        y = on_huge_pages(x.new_empty(*x.shape[:2], w_out.shape[0]))
         n_work = _workspace_numel(cfg, x, backward=False)
         work = y.view(-1) if y.numel() >= n_work else x.new_empty(n_work)
         qkv, units, routes = _attend(x, w_q, w_kv, null_k, null_v, cfg, seed, work)
@@ -316,7 +317,7 @@ def _kernel_backward(cfg, routes, chunk, queries, null_k, null_v, scratch, dw, d
 
 def _input_backward(cfg, qkv, x, w_q, w_kv):
     """dx and the q and kv projections' weight gradients from the packed gradients of their outputs."""
-    dx = cpu_kernel.on_huge_pages(x.new_empty(x.shape))
+    dx = on_huge_pages(x.new_empty(x.shape))
     d_q, d_kv = torch.zeros_like(w_q), torch.zeros_like(w_kv)
     inner = _inner(cfg)
     for i, (g, buf, w) in enumerate(zip(cfg.groups, qkv, _packed_weights(cfg, w_q, w_kv))):

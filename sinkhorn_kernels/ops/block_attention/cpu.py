@@ -5,42 +5,18 @@ routed key / value blocks in place: the PyTorch path's gathered copies, weight m
 some thirty ops per chunk, are gone. The fused self-attention layer runs it on CPU wherever `applies`, and the
 PyTorch reference (`reference.py`, its ground truth in the tests) otherwise; SINKHORN_KERNELS_CPU_KERNEL=0 turns
 it off. A call takes any number of (batch, head) pairs, each with its own pointers and row strides, and spreads
-them over torch's intra-op threads. The fused layer also asks it for huge pages under its large buffers
-(`on_huge_pages`).
+them over torch's intra-op threads.
 """
-import importlib
 import os
 
 import torch
 
-
-def _load():
-    try:
-        return importlib.import_module('sinkhorn_kernels._cpu')
-    except ImportError:
-        return None
+from ..cpu_extension import load
 
 
-_cpu = _load()
+_cpu = load()
 # the tests switch it off to compare the layer on both paths
 enabled = _cpu is not None and os.environ.get('SINKHORN_KERNELS_CPU_KERNEL', '1') != '0'
-
-
-# SINKHORN_KERNELS_HUGE_PAGES=0: the fused layer's buffers stay on the pages the allocator gives
-huge_pages = _cpu is not None and os.environ.get('SINKHORN_KERNELS_HUGE_PAGES', '1') != '0'
-# glibc maps a block this large on its own (its largest mmap threshold), so the advice never lands on its heap,
-# whose one mapping each advised range would split
-HUGE_PAGES_MIN_BYTES = 32 << 20
-
-
-def on_huge_pages(t):
-    """t, its memory (on CPU, not yet written, at least HUGE_PAGES_MIN_BYTES) advised onto transparent huge pages
-    where the OS has them for madvise: the first writes then fault once per huge page rather than per 4 KiB page,
-    and the GEMMs and kernels that stream the buffer miss the TLB less (~8% of the 16k-token layer's step here)."""
-    n = t.numel() * t.element_size()
-    if huge_pages and t.is_cpu and n >= HUGE_PAGES_MIN_BYTES:
-        _cpu.advise_huge_pages(t.data_ptr(), n)
-    return t
 
 
 def applies(x, bucket_size, dim_head, dropout_p):
