@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import sinkhorn_kernels
 from sinkhorn_kernels.bench.__main__ import main
 from sinkhorn_kernels.bench.report import COLUMNS
 
@@ -15,12 +16,24 @@ def test_smoke_run_writes_csv_summary_and_plots(tmp_path):
                  '--repeats', '1', '--impls', 'reference', 'sinkhorn_kernels[reference]', '--out', out]) == 0
     rows = list(csv.DictReader(open(os.path.join(out, 'results.csv'))))
     assert set(COLUMNS) <= set(rows[0])
+    assert rows[0]['timestamp'].endswith('Z') and rows[0]['version'].startswith(sinkhorn_kernels.__version__)
     assert {r['impl'] for r in rows} == {'reference', 'sinkhorn_kernels[reference]'}
     assert {r['mode'] for r in rows} == {'fwd', 'fwd+bwd'}
     assert all(float(r['ms_median']) > 0 and float(r['peak_mem_mb']) > 0 for r in rows)
     summary = open(os.path.join(out, 'summary.md')).read()
     assert 'speedup vs reference' in summary and 'x |' in summary
     assert os.path.exists(os.path.join(out, 'sinkhorn_attention_fwd_bwd.png'))
+
+
+def test_rows_say_when_and_from_which_code_and_older_files_take_the_new_columns(tmp_path):
+    from sinkhorn_kernels.bench.report import append_csv, read_csv
+    path = str(tmp_path / 'results.csv')
+    with open(path, 'w') as f:  # a file from before the timestamp and version columns
+        f.write('impl,op,ms_median\nreference,layer,12.5\n')
+    append_csv(path, [dict(impl='ours', op='layer', ms_median=6.0, timestamp='2026-12-02T02:00Z', version='0.1.0')])
+    old, new = read_csv(path)
+    assert list(old) == COLUMNS and (old['impl'], old['ms_median'], old['timestamp']) == ('reference', '12.5', '')
+    assert (new['impl'], new['timestamp'], new['version']) == ('ours', '2026-12-02T02:00Z', '0.1.0')
 
 
 def test_rounds_report_the_median_round_and_the_largest_peak(tmp_path):

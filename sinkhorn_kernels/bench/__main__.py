@@ -3,7 +3,9 @@
 Writes into --out: results.csv (appended), summary.md, and one PNG per op and mode.
 """
 import argparse
+import datetime
 import os
+import subprocess
 import sys
 
 import torch
@@ -77,9 +79,23 @@ def plan(p, args):
     return jobs
 
 
-def describe_machine(args):
+def code_version():
+    """The package's version, and where it runs from a git checkout its commit ('+dirty' with uncommitted
+    changes): the CSV's rows of different code are told apart by it."""
+    import sinkhorn_kernels
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sinkhorn_kernels.__file__)))
+    git = lambda *a: subprocess.run(['git', '-C', root, *a], capture_output=True, text=True).stdout.strip()
+    try:
+        if os.path.realpath(git('rev-parse', '--show-toplevel') or '/nonexistent') != os.path.realpath(root):
+            return sinkhorn_kernels.__version__
+        dirty = '+dirty' if git('status', '--porcelain', '--untracked-files=no') else ''
+        return f'{sinkhorn_kernels.__version__}+g{git("rev-parse", "--short=7", "HEAD")}{dirty}'
+    except OSError:  # no git
+        return sinkhorn_kernels.__version__
+
+
+def describe_machine(args, started, version):
     """Date, device, dtype and versions: what a result is only meaningful with."""
-    import datetime
     import platform
     if args.device == 'cuda':
         device = torch.cuda.get_device_name()
@@ -87,8 +103,8 @@ def describe_machine(args):
         model = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
                      platform.processor()) if os.path.exists('/proc/cpuinfo') else platform.processor()
         device = f'CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads'
-    date = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
-    return f'{date}; {device}; {args.dtype}; torch {torch.__version__}'
+    versions = f'torch {torch.__version__}; sinkhorn-kernels {version}'
+    return f'{started:%Y-%m-%d %H:%M} UTC; {device}; {args.dtype}; {versions}'
 
 
 def main(argv=None):
@@ -96,6 +112,7 @@ def main(argv=None):
 
     p, args = parse_args(argv)
     jobs = plan(p, args)
+    started, version = datetime.datetime.now(datetime.timezone.utc), code_version()
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, 'results.csv')
     rows, failures = [], []
@@ -118,14 +135,16 @@ def main(argv=None):
         if not measured:
             continue
         new = [dict(impl=impl, op=op, causal=cfg['causal'], seq_len=cfg['seq_len'], batch=cfg['batch'],
-                    heads=cfg['heads'], dim_head=cfg['dim_head'], dtype=args.dtype, device=args.device, **m)
+                    heads=cfg['heads'], dim_head=cfg['dim_head'], dtype=args.dtype, device=args.device,
+                    timestamp=f'{started:%Y-%m-%dT%H:%MZ}', version=version, **m)
                for m in median_round(measured)]
         append_csv(csv_path, new)
         rows += new
     all_rows = read_csv(csv_path) if os.path.exists(csv_path) else []
     with open(os.path.join(args.out, 'summary.md'), 'w') as f:
         # every row of the CSV: runs that share an output folder add up to one summary
-        f.write(f'# sinkhorn-kernels benchmark\n\n{describe_machine(args)}\n\n' + summary_markdown(all_rows))
+        machine = describe_machine(args, started, version)
+        f.write(f'# sinkhorn-kernels benchmark\n\n{machine}\n\n' + summary_markdown(all_rows))
         if failures:
             f.write('\n## Not measured\n\n' + ''.join(f'- {x}\n' for x in failures))
     if rows and not args.no_plots:

@@ -4,13 +4,23 @@ import os
 from collections import defaultdict
 
 COLUMNS = ['impl', 'op', 'mode', 'causal', 'seq_len', 'batch', 'heads', 'dim_head', 'dtype', 'device', 'ms_median',
-           'ms_p20', 'ms_p80', 'peak_mem_mb', 'tflops', 'gbps', 'tokens_per_s']
+           'ms_p20', 'ms_p80', 'peak_mem_mb', 'tflops', 'gbps', 'tokens_per_s', 'timestamp', 'version']
 
 
 def append_csv(path, rows):
-    """Appends to the CSV (writing the header for a new file), so several runs can share one file."""
-    new = not os.path.exists(path)
-    with open(path, 'a', newline='') as f:
+    """Appends to the CSV (writing the header for a new file), so several runs can share one file. A file of
+    older columns is rewritten first, its rows keeping their values and leaving the new columns empty."""
+    if os.path.exists(path):
+        with open(path, newline='') as f:
+            header = next(csv.reader(f), None)
+        if header != COLUMNS:
+            _write(path, 'w', read_csv(path))
+    _write(path, 'a', rows)
+
+
+def _write(path, mode, rows):
+    new = mode == 'w' or not os.path.exists(path)
+    with open(path, mode, newline='') as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction='ignore')
         if new:
             writer.writeheader()
