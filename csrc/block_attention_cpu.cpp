@@ -108,10 +108,13 @@ class Fetch {
     return n;
   }
   void next(int64_t n) {
+    // counted by row and vector: a division per line took about a fifth of gemm's time in the profile
     for (; n > 0 && b_ < n_; --n) {
       const Block& b = blocks_[b_];
-      __builtin_prefetch(b.p + (line_ / b.per_row) * b.rs + (line_ % b.per_row) * W, 0, 2);
-      if (++line_ == b.rows * b.per_row) line_ = 0, ++b_;
+      __builtin_prefetch(b.p + row_ * b.rs + col_ * W, 0, 2);
+      if (++col_ < b.per_row) continue;
+      col_ = 0;
+      if (++row_ == b.rows) row_ = 0, ++b_;
     }
   }
 
@@ -122,7 +125,7 @@ class Fetch {
   };
   Block blocks_[2];
   int n_ = 0, b_ = 0;
-  int64_t line_ = 0;
+  int64_t row_ = 0, col_ = 0;
 };
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b, int64_t ldb,
