@@ -81,14 +81,16 @@ def plan(p, args):
 
 def code_version():
     """The package's version, and where it runs from a git checkout its commit ('+dirty' with uncommitted
-    changes): the CSV's rows of different code are told apart by it."""
+    changes, the results folder aside: runs append to it): the CSV's rows of different code are told apart by
+    it."""
     import sinkhorn_kernels
     root = os.path.dirname(os.path.dirname(os.path.abspath(sinkhorn_kernels.__file__)))
     git = lambda *a: subprocess.run(['git', '-C', root, *a], capture_output=True, text=True).stdout.strip()
     try:
         if os.path.realpath(git('rev-parse', '--show-toplevel') or '/nonexistent') != os.path.realpath(root):
             return sinkhorn_kernels.__version__
-        dirty = '+dirty' if git('status', '--porcelain', '--untracked-files=no') else ''
+        changed = git('status', '--porcelain', '--untracked-files=no', '--', '.', ':!benchmarks/results')
+        dirty = '+dirty' if changed else ''
         return f'{sinkhorn_kernels.__version__}+g{git("rev-parse", "--short=7", "HEAD")}{dirty}'
     except OSError:  # no git
         return sinkhorn_kernels.__version__
