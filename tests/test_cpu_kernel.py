@@ -102,15 +102,16 @@ def run_case(case, B=2, H=3, T=64, D=16, bs=16, layer_aliases=False):
     # the kernel in the fused layer's way: q, k, v strided views of one buffer
     qkv = torch.stack([q64, k64, v64], 2).float().transpose(1, 3).contiguous()  # [B, T, 3, H, D]
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    queries = q.clone()
     null = [None if t is None else t.float() for t in null64]
     dout = dout64.float()
-    out = q if layer_aliases else torch.empty(B, T, H, D).transpose(1, 2)
+    if layer_aliases:  # the output takes the queries' place (backward's queries are a copy elsewhere)
+        queries, out = q.clone(), q
+    else:
+        out = torch.empty(B, T, H, D).transpose(1, 2)
     cpu.forward(kernel_heads(lay, q, k, v, idx, w, *null, mask, mask, out=out))
     got = dict(out=out.clone())
-    if layer_aliases:
-        q.copy_(dout)
-        q, dout = queries, q
+    if layer_aliases:  # then the output's gradient takes the output's place, and dq the gradient's
+        dout, q = q.copy_(dout), queries
     dq = dout if layer_aliases else q
     dw = torch.empty(B, H, *idx.shape[2:])
     dnull = [torch.zeros(B, H, D) for _ in range(2)] if null[0] is not None else []
