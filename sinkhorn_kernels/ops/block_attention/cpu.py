@@ -66,12 +66,14 @@ def _layout(lay, dim_head):
                 scale=lay.scale)
 
 
-def _workers(n_pairs):
-    return max(1, min(torch.get_num_threads(), n_pairs))
+def _workers(layout, n_pairs, backward):
+    """Threads of a call: backward gives each (batch, head) pair to one thread (it accumulates the pair's dk, dv),
+    forward spreads the pairs' query buckets over them."""
+    return max(1, min(torch.get_num_threads(), n_pairs if backward else n_pairs * layout['Nq']))
 
 
 def _scratch_floats(layout, n_pairs, backward):
-    return _cpu.scratch_floats(layout, backward, _workers(n_pairs))
+    return _cpu.scratch_floats(layout, backward, _workers(layout, n_pairs, backward))
 
 
 def scratch_numel(lay, dim_head, n_pairs, backward):
@@ -84,7 +86,7 @@ def _run(kernel, heads, backward, scratch):
     n = _scratch_floats(heads.layout, len(heads.args), backward)
     if scratch is None or scratch.numel() < n:
         scratch = torch.empty(n)
-    kernel(heads.layout, heads.args, _workers(len(heads.args)), scratch.data_ptr())
+    kernel(heads.layout, heads.args, _workers(heads.layout, len(heads.args), backward), scratch.data_ptr())
 
 
 def forward(heads, scratch=None):
