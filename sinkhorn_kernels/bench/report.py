@@ -41,8 +41,9 @@ def summary_markdown(rows):
     groups = defaultdict(dict)
     for r in rows:
         groups[_key(r)][r['impl']] = r
-    lines = ['| op | mode | causal | seq_len | impl | ms (median) | peak MB | speedup vs reference | memory vs reference |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    header = ('op', 'mode', 'causal', 'seq_len', 'impl', 'ms (median)', 'peak MB', 'speedup vs reference',
+              'memory vs reference')
+    lines = [_table_row(header), _table_row(['---'] * len(header))]
     for key in sorted(groups):
         by_impl = groups[key]
         ref = by_impl.get('reference')
@@ -50,8 +51,12 @@ def summary_markdown(rows):
             ms, mem = float(r['ms_median']), float(r['peak_mem_mb'])
             speed = f'{float(ref["ms_median"]) / ms:.2f}x' if ref and impl != 'reference' else ''
             memory = f'{mem / float(ref["peak_mem_mb"]):.2f}x' if ref and impl != 'reference' else ''
-            lines.append(f'| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {impl} | {ms:.2f} | {mem:.0f} | {speed} | {memory} |')
+            lines.append(_table_row([*key[:4], impl, f'{ms:.2f}', f'{mem:.0f}', speed, memory]))
     return '\n'.join(lines) + '\n'
+
+
+def _table_row(cells):
+    return '| ' + ' | '.join(str(c) for c in cells) + ' |'
 
 
 def plot(rows, out_dir):
