@@ -25,6 +25,29 @@ def test_smoke_run_writes_csv_summary_and_plots(tmp_path):
     assert os.path.exists(os.path.join(out, 'sinkhorn_attention_fwd_bwd.png'))
 
 
+def test_compile_adds_compiled_variants_of_ours_and_the_reference(tmp_path):
+    from sinkhorn_kernels.bench.__main__ import parse_args, plan
+    impls = lambda *argv: {i for _, i, _ in plan(*parse_args(['--ops', 'sinkhorn', '--seq-lens', '256', *argv]))}
+    assert not any(i.endswith('+compile') for i in impls())
+    assert {'sinkhorn_kernels[reference]+compile', 'reference+compile'} <= impls('--compile')
+    assert impls('--impls', 'reference', '--compile') == {'reference', 'reference+compile'}
+    assert impls('--impls', 'reference+compile') == {'reference+compile'}
+
+
+def test_a_compiled_case_runs_through_torch_compile():
+    from torch._dynamo.utils import counters
+
+    from sinkhorn_kernels.bench.cases import build, default_config
+    cfg = default_config('sinkhorn', 128, 1, 1, 64, 64, False)
+    eager, *_ = build('sinkhorn', 'sinkhorn_kernels[reference]', cfg, 'cpu', torch.float32)
+    compiled, *_ = build('sinkhorn', 'sinkhorn_kernels[reference]+compile', cfg, 'cpu', torch.float32)
+    counters.clear()
+    eager()
+    assert counters['stats']['unique_graphs'] == 0
+    torch.testing.assert_close(compiled(), eager())
+    assert counters['stats']['unique_graphs'] >= 1
+
+
 def test_rows_say_when_and_from_which_code_and_older_files_take_the_new_columns(tmp_path):
     from sinkhorn_kernels.bench.report import append_csv, read_csv
     path = str(tmp_path / 'results.csv')

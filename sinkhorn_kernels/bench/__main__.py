@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from .cases import OPS, default_config, implementations, validate
+from .cases import COMPILED, OPS, default_config, implementations, validate
 from .measure import isolated, measure, median_round
 from .report import append_csv, plot, read_csv, summary_markdown
 
@@ -34,6 +34,8 @@ def parse_args(argv):
     p.add_argument('--bucket-size', type=int, default=64)
     p.add_argument('--causal', choices=['both', 'yes', 'no'], default='both')
     p.add_argument('--impls', nargs='+', help='only these implementations (names as in the CSV)')
+    p.add_argument('--compile', action='store_true',
+                   help=f'also measure ours and the reference under torch.compile (names ending in {COMPILED})')
     p.add_argument('--dtype', choices=['float32', 'float16', 'bfloat16'],
                    help='default: float32 on CPU, bfloat16 on CUDA')
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -51,8 +53,9 @@ def parse_args(argv):
     args.dtype = args.dtype or ('bfloat16' if args.device == 'cuda' else 'float32')
     if args.device == 'cpu' and args.dtype != 'float32':
         p.error(f'{args.dtype} is only measured on CUDA; on CPU use --dtype float32')
-    args.warmup = 1 if args.warmup is None and args.device == 'cpu' else (5 if args.warmup is None else args.warmup)
-    args.repeats = 3 if args.repeats is None and args.device == 'cpu' else (20 if args.repeats is None else args.repeats)
+    on_cpu = args.device == 'cpu'
+    args.warmup = (1 if on_cpu else 5) if args.warmup is None else args.warmup
+    args.repeats = (3 if on_cpu else 20) if args.repeats is None else args.repeats
     if min(args.repeats, args.rounds, args.batch, args.heads, args.dim_head) < 1 or args.warmup < 0:
         p.error('--repeats, --rounds, --batch, --heads and --dim-head must be positive and --warmup not negative')
     return p, args
@@ -64,8 +67,10 @@ def plan(p, args):
     causal_values = {'both': (False, True), 'yes': (True,), 'no': (False,)}[args.causal]
     for op in args.ops:
         impls = implementations(op, args.device)
-        if args.impls:
-            impls = [i for i in impls if i in args.impls]
+        chosen = args.impls or [i for i in impls if not i.endswith(COMPILED)]
+        if args.compile:
+            chosen = chosen + [i + COMPILED for i in chosen]
+        impls = [i for i in impls if i in chosen]
         for seq_len in args.seq_lens or DEFAULT_SEQ_LENS[args.device][op]:
             # the Sinkhorn op has no causal variant
             for causal in causal_values if op != 'sinkhorn' else (False,):

@@ -13,6 +13,8 @@ from sinkhorn_kernels.ops import available_backends
 
 OPS = ('sinkhorn', 'sinkhorn_attention', 'layer', 'lm')
 DIM, HEADS = 512, 8
+# the suffix of an implementation measured under torch.compile (default mode), e.g. 'reference+compile'
+COMPILED = '+compile'
 
 
 def has_reference():
@@ -20,20 +22,35 @@ def has_reference():
 
 
 def implementations(op, device):
-    """The implementation names measured for `op` on `device`: ours on every backend present, the reference, and
-    dense attention where it is comparable."""
+    """The implementation names that can be measured for `op` on `device`: ours on every backend present, the
+    reference, each of those also under torch.compile, and dense attention where it is comparable."""
     ours = [f'sinkhorn_kernels[{name}]' for name, (ok, _) in available_backends().items()
             if ok and (name == 'reference' or device == 'cuda')]
-    extra = ['reference'] if has_reference() else []
+    ours += ['reference'] if has_reference() else []
+    dense = []
     if op == 'sinkhorn_attention':
-        extra.append('sdpa')
+        dense.append('sdpa')
         if device == 'cuda':
-            extra.append('flex')
-    return ours + extra
+            dense.append('flex')  # compiled already
+    return ours + [impl + COMPILED for impl in ours] + dense
 
 
 def backend_of(impl):
-    return impl[len('sinkhorn_kernels['):-1]
+    """'sinkhorn_kernels[triton]' (or with the compile suffix) -> 'triton'; None for the other implementations."""
+    impl = impl.removesuffix(COMPILED)
+    return impl[len('sinkhorn_kernels['):-1] if impl.startswith('sinkhorn_kernels[') else None
+
+
+def build(op, impl, cfg, device, dtype):
+    """(fn, inputs_requiring_grad, flops_fwd, io_bytes_fwd) of one implementation; a compiled one starts from an
+    empty compile cache, so that no earlier case's graphs count against the recompile limit (past which torch
+    would run the function eagerly under the compiled name)."""
+    base = impl.removesuffix(COMPILED)
+    fn, leaves, flops, io = _build(op, base, cfg, device, dtype)
+    if base != impl:
+        torch.compiler.reset()
+        fn = torch.compile(fn)
+    return _with_backend(impl, fn), leaves, flops, io
 
 
 def attention_keys_per_query(cfg):
@@ -41,7 +58,7 @@ def attention_keys_per_query(cfg):
     return cfg['bucket_size'] * (1 + cfg['n_top'])
 
 
-def build(op, impl, cfg, device, dtype):
+def _build(op, impl, cfg, device, dtype):
     torch.manual_seed(0)
     B, H, T, D = cfg['batch'], cfg['heads'], cfg['seq_len'], cfg['dim_head']
     causal, bucket = cfg['causal'], cfg['bucket_size']
@@ -88,7 +105,7 @@ def build(op, impl, cfg, device, dtype):
         module = module.to(device, dtype)
         x = torch.randn(B, T, DIM, device=device, dtype=dtype, requires_grad=True)
         flops = 4 * B * H * T * attention_keys_per_query(cfg) * D + 2 * B * T * DIM * (4 * H * D)
-        return _with_backend(impl, lambda: module(x)), [x], flops, 2 * B * T * DIM * elem
+        return (lambda: module(x)), [x], flops, 2 * B * T * DIM * elem
 
     if op == 'lm':
         depth, vocab = cfg['depth'], 256
@@ -98,7 +115,7 @@ def build(op, impl, cfg, device, dtype):
         loss = lambda: F.cross_entropy(model(tokens).transpose(1, 2).float(), tokens)
         params = sum(p.numel() for p in model.parameters())
         flops = depth * 4 * B * H * T * attention_keys_per_query(cfg) * D + 2 * B * T * params
-        return _with_backend(impl, loss), list(model.parameters()), flops, 2 * params * elem
+        return loss, list(model.parameters()), flops, 2 * params * elem
     raise ValueError(f'unknown op {op!r}; choose from {OPS}')
 
 
@@ -138,7 +155,8 @@ def _module(impl, name):
 
 
 def _with_backend(impl, fn):
-    if impl == 'reference':
+    """fn run with our backend of `impl` as the default (the model classes take no backend argument)."""
+    if backend_of(impl) is None:
         return fn
 
     def run():
