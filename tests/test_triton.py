@@ -97,6 +97,47 @@ def compare_block_attention(case, dtype):
     check(ours, exact, baseline, dtype, ['out', 'dq', 'dk', 'dv', 'dw', 'dnull_k', 'dnull_v'])
 
 
+def distinct_summaries(B, H, rows, Nk, dtype):
+    """Bucket summaries whose scores are distinct per row and exact in fp16 (no ties, so every implementation
+    must pick the same routes): scores[..., i, j] = sq[..., i, j], a permutation of 0.125, 0.375, ..."""
+    D = 16
+    vals = torch.stack([torch.randperm(Nk) for _ in range(B * H * rows)]).view(B, H, rows, Nk) / 4 + 0.125
+    sq = torch.nn.functional.pad(vals, (0, D - Nk))
+    sk = 4 * torch.eye(Nk, D).expand(B, H, Nk, D)  # summary_scores divides by sqrt(D) = 4
+    return sq.to(dtype), sk.to(dtype)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('causal,n_top,n_sortcut,own_bucket', [
+    (False, 2, 0, True), (False, 3, 0, False), (True, 2, 0, True), (True, 3, 0, True), (False, 2, 3, False),
+    (False, 2, 2, True)], ids=['plain', 'no_own', 'causal2', 'causal3', 'sortcut', 'sortcut_own'])
+def test_topk_routes_kernel(causal, n_top, n_sortcut, own_bucket, dtype):
+    from sinkhorn_kernels.ops.sinkhorn_attention import summary_routes, summary_routes_backward
+    B, H, Nq, Nk = 2, 3, 6, 6 if causal else 9
+    sq, sk = distinct_summaries(B, H, 1 if n_sortcut else Nq, Nk, torch.float64)
+    opts = dict(causal=causal, n_top_buckets=n_top, n_sortcut=n_sortcut, temperature=0.7, own_bucket=own_bucket)
+    _, idx, w = summary_routes(sq, sk, **opts, n_query_buckets=Nq)
+    d_w = torch.randn(w.shape, dtype=torch.float64)
+
+    def run(backend, dt):
+        q, k = sq.to(dt), sk.to(dt)
+        scores, i, wt = summary_routes(q, k, **opts, n_query_buckets=Nq, backend=backend)
+        return i, [wt, *summary_routes_backward(scores, q, k, d_w.to(wt.dtype), **opts, backend=backend)]
+
+    ours_idx, ours = run('triton', dtype)
+    assert ours_idx.dtype == torch.int32 and ours[0].dtype == torch.float32
+    assert torch.equal(ours_idx.long(), idx)
+    _, exact = run('reference', torch.float64)
+    check(ours, exact, run('reference', dtype)[1], dtype, ['weights', 'd_sq', 'd_sk'])
+
+
+def test_topk_routes_kernel_rejects_too_many_buckets():
+    from sinkhorn_kernels.ops.routing import triton as routing_kernels
+    scores = torch.zeros(1, 1, 1, routing_kernels.MAX_COLUMNS + 1)
+    with pytest.raises(ValueError, match='at most 16384 key buckets'):
+        routing_kernels.forward(scores, 1, 1.0, False, 0, 1, False)
+
+
 @pytest.mark.parametrize('kw', [dict(), dict(causal=True, n_top_buckets=2), dict(causal=True, n_top_buckets=3),
                                 dict(n_sortcut=2), dict(non_permutative=False), dict(kv_bucket_size=8),
                                 dict(masked=True), dict(causal=True, masked=True)],
@@ -120,6 +161,14 @@ def test_sinkhorn_attention(kw):
 
     check(run('triton', torch.float32), run('reference', torch.float64), None, torch.float32,
           ['out', 'dq', 'dk', 'dv', 'dnull_k', 'dnull_v'])
+
+
+def test_sinkhorn_attention_on_triton_is_one_autograd_node():
+    # the sort net, the routing and block attention: no autograd graph of the routing's small ops in between
+    q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))
+    out = ops.sinkhorn_attention(q, k, v, bucket_size=8, n_top_buckets=2, backend='triton')
+    assert type(out.grad_fn).__name__ == 'TopkAttentionBackward'
+    assert [type(f).__name__ for f, _ in out.grad_fn.next_functions[:3]] == ['AccumulateGrad'] * 3
 
 
 @pytest.mark.parametrize('kw', [dict(causal=True, n_local_attn_heads=1), dict(), dict(reversible=True, causal=True)])

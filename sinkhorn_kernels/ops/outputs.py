@@ -1,11 +1,14 @@
-"""Allocation of kernel outputs. Tests set FILL to NaN, so an output element that a kernel forgets to write fails."""
+"""Allocation of kernel outputs. Tests set FILL to NaN, so an output element that a kernel forgets to write fails
+(integer outputs, which hold no NaN, get their type's minimum: no valid index)."""
 import torch
 
 FILL = None
 
 
 def new_output(t):
-    return t if FILL is None else t.fill_(FILL)
+    if FILL is None:
+        return t
+    return t.fill_(FILL if t.is_floating_point() else torch.iinfo(t.dtype).min)
 
 
 def carve(flat, shapes):

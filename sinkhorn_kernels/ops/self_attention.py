@@ -36,8 +36,8 @@ from .block_attention import dropout_seed, local_routes, with_own_bucket
 from .block_attention import reference as blocks
 from .cpu_extension import on_huge_pages
 from .outputs import carve
-from .sinkhorn_attention import (add_sort_summaries_vjp, routes_per_query_bucket, sort_summaries, summary_scores,
-                                 topk_routes, topk_routes_backward)
+from .sinkhorn_attention import (SORT_NET_TEMPERATURE, add_sort_summaries_vjp, routes_per_query_bucket, sort_summaries,
+                                 summary_routes, summary_routes_backward)
 
 
 # rows of the output's gradient made dense at a time: the gradient of a sum is an expanded tensor, which the
@@ -401,19 +401,13 @@ class _Routes:
     def __init__(self, cfg, units):
         self.cfg, self.units = cfg, units
         self.sq, self.sk = (torch.cat(s, dim=1) for s in zip(*(self.summaries(u) for u in units)))
-        self.n_null = cfg.n_top if cfg.causal else 0
-        self.scores = summary_scores(self.sq, self.sk, self.n_null)
-        idx, w = topk_routes(self.scores, **self.routing())
-        self.rows = w.shape[2]  # 1 with SortCut: the same routes for every query bucket
-        idx, w = idx.expand(cfg.batch, -1, cfg.Nq, -1), w.expand(cfg.batch, -1, cfg.Nq, -1)
-        if cfg.own_bucket:
-            idx, w = with_own_bucket(idx, w)
+        self.scores, idx, w = summary_routes(self.sq, self.sk, **self.routing(), n_query_buckets=cfg.Nq)
         self.indices, self.weights = idx.contiguous(), w.contiguous()
 
     def routing(self):
         cfg = self.cfg
         return dict(causal=cfg.causal, n_top_buckets=cfg.n_top, n_sortcut=cfg.n_sortcut,
-                    temperature=cfg.topk_temperature, n_null=self.n_null)
+                    temperature=cfg.topk_temperature, own_bucket=cfg.own_bucket)
 
     def options(self, u):
         cfg = self.cfg
@@ -425,14 +419,7 @@ class _Routes:
 
     def backward(self, dw):
         """Adds the routes' gradient `dw` to the Sinkhorn heads' q and k buffers (which hold dq and dk by now)."""
-        if self.cfg.own_bucket:
-            dw = dw[..., :-1]  # the own bucket's weight is the constant 1
-        if self.rows == 1:
-            dw = dw.sum(dim=2, keepdim=True)
-        d_scores = topk_routes_backward(self.scores, dw, **self.routing())[..., self.n_null:]
-        d_scores.mul_(self.sq.shape[-1] ** -0.5)  # summary_scores: scaled dot products
-        d_sq = torch.einsum('bhij,bhjd->bhid', d_scores, self.sk)
-        d_sk = torch.einsum('bhij,bhid->bhjd', d_scores, self.sq)
+        d_sq, d_sk = summary_routes_backward(self.scores, self.sq, self.sk, dw, **self.routing())
         for u in self.units:
             heads = u.sinkhorn_heads
             add_sort_summaries_vjp(d_sq[:, heads], d_sk[:, heads], u.q, u.k, **self.options(u))
@@ -476,7 +463,7 @@ def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, hea
                   groups=_groups(heads, n_local_heads, causal, bucket_size),
                   bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, causal=causal,
                   n_top=min(n_top_buckets, Nq) if causal else n_top_buckets, n_sortcut=n_sortcut,
-                  topk_temperature=temperature if causal else 1.0, own_bucket=causal or Nq == Nk,
+                  topk_temperature=temperature if causal else SORT_NET_TEMPERATURE, own_bucket=causal or Nq == Nk,
                   mask=input_mask, dropout_p=dropout_p, scale=dim_head ** -0.5, dtype=x.dtype,
                   local_idx=with_own_bucket(local_idx, torch.ones_like(local_idx, dtype=x.dtype))[0])
     # routes of a Sinkhorn head, its own bucket included: the layouts and the workspace are sized by it

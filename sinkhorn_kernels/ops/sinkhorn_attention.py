@@ -9,14 +9,21 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .._checks import check_bucket_multiple, require
-from .block_attention import block_attention
+from .backends import resolve_backend
+from .block_attention import block_attention, check_qkv, head_mask, with_own_bucket
 from .routing import topk_routing
 from .routing.reference import topk_routing_backward
 from .sinkhorn import gumbel_sinkhorn
 
 
-def _per_head(mask, H):
-    return None if mask is None or mask.dim() == 3 else mask[:, None].expand(-1, H, -1)
+# the reference's non-causal attention sort net routes at temperature 1 (kept for checkpoint parity)
+SORT_NET_TEMPERATURE = 1.0
+
+
+def _per_head(mask, B, H, T, name):
+    """A checked mask as [B, H, T] (None stays None)."""
+    mask = head_mask(mask, B, H, T, name)
+    return None if mask is None else mask.expand(B, H, -1)
 
 
 def rotate_heads(t, first_head, shift):
@@ -147,6 +154,48 @@ def topk_routes(scores, *, causal, n_top_buckets, n_sortcut, temperature, n_null
     return idx, w
 
 
+def summary_routes(sq, sk, *, causal, n_top_buckets, n_sortcut, temperature, n_query_buckets, own_bucket,
+                   backend='reference'):
+    """The attention sort net's routes from its summaries, as block attention runs them: (scores, indices,
+    weights), the routes [B, H, n_query_buckets, K] for every query bucket, the own bucket appended last when
+    `own_bucket`; causal routes have `n_top_buckets` null buckets (index Nk). backend='triton' routes in one
+    kernel (int32 indices, fp32 weights); the other backends with PyTorch ops."""
+    n_null = n_top_buckets if causal else 0
+    scores = summary_scores(sq, sk, n_null)
+    if backend == 'triton':
+        from .routing import fused as routing_kernels
+        k = routes_per_query_bucket(causal, n_top_buckets, n_sortcut, scores.shape[-1])
+        return (scores, *routing_kernels.topk_routes_fwd(scores, k, temperature, causal, n_null, n_query_buckets,
+                                                         own_bucket))
+    idx, w = topk_routes(scores, causal=causal, n_top_buckets=n_top_buckets, n_sortcut=n_sortcut,
+                         temperature=temperature, n_null=n_null)
+    B, H = sq.shape[:2]
+    idx, w = idx.expand(B, H, n_query_buckets, -1), w.expand(B, H, n_query_buckets, -1)
+    return (scores, *with_own_bucket(idx, w)) if own_bucket else (scores, idx, w)
+
+
+def summary_routes_backward(scores, sq, sk, d_weights, *, causal, n_top_buckets, n_sortcut, temperature, own_bucket,
+                            backend='reference'):
+    """The gradients of the summaries (d_sq, d_sk) from that of `summary_routes`' weights, by hand: no autograd
+    graph is kept from forward."""
+    n_null = n_top_buckets if causal else 0
+    if backend == 'triton':
+        from .routing import fused as routing_kernels
+        k = routes_per_query_bucket(causal, n_top_buckets, n_sortcut, scores.shape[-1])
+        d_scores = routing_kernels.topk_routes_bwd(scores, d_weights, k, temperature, causal, n_null)
+        d_scores = d_scores[..., n_null:].to(sq.dtype)
+    else:
+        if own_bucket:
+            d_weights = d_weights[..., :-1]  # the own bucket's weight is the constant 1
+        if sq.shape[2] == 1 and d_weights.shape[2] > 1:  # SortCut: one set of routes, read by every query bucket
+            d_weights = d_weights.sum(dim=2, keepdim=True)
+        d_scores = topk_routes_backward(scores, d_weights.to(scores.dtype), causal=causal,
+                                        n_top_buckets=n_top_buckets, n_sortcut=n_sortcut, temperature=temperature,
+                                        n_null=n_null)[..., n_null:]
+    d_scores.mul_(sq.shape[-1] ** -0.5)  # summary_scores: scaled dot products
+    return torch.einsum('bhij,bhjd->bhid', d_scores, sk), torch.einsum('bhij,bhid->bhjd', d_scores, sq)
+
+
 def topk_routes_backward(scores, d_weights, *, causal, n_top_buckets, n_sortcut, temperature, n_null=0):
     """The gradient of `topk_routes`' weights [B, H, Nq or 1, K] with respect to the scores, without autograd."""
     k = routes_per_query_bucket(causal, n_top_buckets, n_sortcut, scores.shape[-1])
@@ -173,8 +222,7 @@ def sinkhorn_attention(q, k, v, *, bucket_size, n_top_buckets=1, causal=False, n
     (True = real token); the key mask defaults to all-real, never to the query mask. `sort_net(q, k, q_mask,
     kv_mask)` replaces the attention sort net (its scores then go through top-k at `temperature`).
     """
-    require(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
-            f'q, k, v must be [batch, heads, seq, dim_head], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    check_qkv(q, k, v)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     kv_bucket_size = kv_bucket_size or bucket_size
@@ -183,8 +231,14 @@ def sinkhorn_attention(q, k, v, *, bucket_size, n_top_buckets=1, causal=False, n
     require(n_top_buckets >= 1, f'n_top_buckets must be >= 1, got {n_top_buckets}')
     require(n_sortcut >= 0, f'n_sortcut must be >= 0, got {n_sortcut}')
     nq, nk = Tq // bucket_size, Tk // kv_bucket_size
-    q_mask, kv_mask = _per_head(q_mask, H), _per_head(kv_mask, H)
-    common = dict(bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, dropout_p=dropout_p, backend=backend)
+    q_mask, kv_mask = _per_head(q_mask, B, H, Tq, 'q_mask'), _per_head(kv_mask, B, H, Tk, 'kv_mask')
+    sizes = dict(bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, dropout_p=dropout_p)
+    common = dict(sizes, backend=backend)
+    name = resolve_backend(backend, q.device)
+    # the attention sort net's top-k routes on a fused backend: one autograd node (see topk_attention)
+    fused_topk = sort_net is None and name != 'reference'
+    if fused_topk:
+        from .topk_attention import topk_attention
 
     if causal:
         require(n_sortcut == 0, 'SortCut (n_sortcut > 0) only works without causal; set n_sortcut=0 or causal=False')
@@ -195,6 +249,10 @@ def sinkhorn_attention(q, k, v, *, bucket_size, n_top_buckets=1, causal=False, n
         n_top = min(n_top_buckets, nq)
         first, shift = H // 2, bucket_size - 1
         q, k, v, q_mask, kv_mask = (rotate_heads(t, first, shift) for t in (q, k, v, q_mask, kv_mask))
+        if fused_topk:
+            out = topk_attention(name, q, k, v, null_kv, q_mask, kv_mask, causal=True, n_top_buckets=n_top, n_sortcut=0,
+                                 temperature=temperature, own_bucket=True, n_rotated_heads=H - first, **sizes)
+            return rotate_heads(out, first, -shift)
         scores = (sort_net(zero_masked(q, q_mask), zero_masked(k, kv_mask), q_mask, kv_mask)
                   if sort_net is not None else
                   attention_sort_scores(q, k, causal=True, n_null=n_top, q_mask=q_mask, kv_mask=kv_mask,
@@ -205,15 +263,18 @@ def sinkhorn_attention(q, k, v, *, bucket_size, n_top_buckets=1, causal=False, n
                               q_mask=q_mask, kv_mask=kv_mask, **common)
         return rotate_heads(out, first, -shift)
 
+    own_bucket = nq == nk
+    if fused_topk and non_permutative:
+        return topk_attention(name, q, k, v, None, q_mask, kv_mask, causal=False, n_top_buckets=n_top_buckets,
+                              n_sortcut=n_sortcut, temperature=SORT_NET_TEMPERATURE, own_bucket=own_bucket,
+                              n_rotated_heads=0, **sizes)
     sq, sk = zero_masked(q, q_mask), zero_masked(k, kv_mask)
     if sort_net is not None:
         scores, topk_temperature = sort_net(sq, sk, q_mask, kv_mask), temperature
     else:
-        # the reference's non-causal attention sort net routes at temperature 1 (kept for checkpoint parity)
-        scores, topk_temperature = attention_sort_scores(sq, sk, n_sortcut=n_sortcut, q_mask=q_mask,
-                                                         kv_mask=kv_mask, bucket_size=bucket_size,
-                                                         kv_bucket_size=kv_bucket_size, causal=False), 1.0
-    own_bucket = nq == nk
+        scores = attention_sort_scores(sq, sk, n_sortcut=n_sortcut, q_mask=q_mask, kv_mask=kv_mask,
+                                       bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, causal=False)
+        topk_temperature = SORT_NET_TEMPERATURE
     if non_permutative:
         idx, w = topk_routes(scores, causal=False, n_top_buckets=n_top_buckets, n_sortcut=n_sortcut,
                              temperature=topk_temperature)

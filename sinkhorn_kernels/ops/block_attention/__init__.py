@@ -5,7 +5,7 @@ from ..backends import FUSED_DTYPES, resolve_backend
 from . import reference
 
 
-def _head_mask(mask, B, H, T, name):
+def head_mask(mask, B, H, T, name):
     """bool [B, T] or [B, H, T] -> [B, 1 or H, T] (None stays None)."""
     if mask is None:
         return None
@@ -13,6 +13,14 @@ def _head_mask(mask, B, H, T, name):
     require(tuple(mask.shape) in ((B, T), (B, H, T)),
             f'{name} must have shape {(B, T)} or {(B, H, T)}, got {tuple(mask.shape)}')
     return mask[:, None] if mask.dim() == 2 else mask
+
+
+def check_qkv(q, k, v):
+    require(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+            f'q, k, v must be [batch, heads, seq, dim_head], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    B, H, _, D = q.shape
+    require(k.shape == v.shape and k.shape[:2] == (B, H) and k.shape[3] == D,
+            f'k and v must be [{B}, {H}, seq_kv, {D}] like q, got {tuple(k.shape)} and {tuple(v.shape)}')
 
 
 def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bucket_size=None, own_bucket=True,
@@ -29,12 +37,9 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
     wrapped-around first tokens, which see only their own earlier tokens). Masks are bool [B, T] or [B, H, T];
     a query with no visible key outputs zeros.
     """
-    require(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
-            f'q, k, v must be [batch, heads, seq, dim_head], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    check_qkv(q, k, v)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    require(k.shape == v.shape and k.shape[:2] == (B, H) and k.shape[3] == D,
-            f'k and v must be [{B}, {H}, seq_kv, {D}] like q, got {tuple(k.shape)} and {tuple(v.shape)}')
     kv_bucket_size = kv_bucket_size or bucket_size
     check_bucket_multiple(Tq, bucket_size, 'query sequence')
     check_bucket_multiple(Tk, kv_bucket_size, 'key/value sequence')
@@ -48,15 +53,14 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
     require(not causal or (bucket_size == kv_bucket_size and Tq == Tk and own_bucket),
             'causal block attention needs equal query and key lengths and bucket sizes, and own_bucket=True')
     require(0 <= n_rotated_heads <= H, f'n_rotated_heads must be in [0, {H}], got {n_rotated_heads}')
-    if not 0 <= dropout_p < 1:  # the message only on failure: under torch.compile dropout_p may be symbolic
-        raise ValueError(f'dropout_p must be in [0, 1), got {dropout_p}')
+    check_dropout(dropout_p)
     name = resolve_backend(backend, q.device)
     scale = D ** -0.5 if scale is None else scale
     idx = route_indices.expand(B, H, Nq, -1)
     w = route_weights.expand(B, H, Nq, -1)
     if own_bucket:
         idx, w = with_own_bucket(idx, w)
-    qm, km = _head_mask(q_mask, B, H, Tq, 'q_mask'), _head_mask(kv_mask, B, H, Tk, 'kv_mask')
+    qm, km = head_mask(q_mask, B, H, Tq, 'q_mask'), head_mask(kv_mask, B, H, Tk, 'kv_mask')
     n_rotated_heads = n_rotated_heads if causal else 0
     if name != 'reference':
         return _fused(name, q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_size, causal, n_rotated_heads,
@@ -97,9 +101,14 @@ def dropout_seed(dropout_p, device):
 FUSED_MAX_BLOCK = 128
 
 
-def _fused(backend, q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_size, causal, n_rotated_heads, scale,
-           dropout_p):
-    from . import fused
+def check_dropout(dropout_p):
+    if not 0 <= dropout_p < 1:  # the message only on failure: under torch.compile dropout_p may be symbolic
+        raise ValueError(f'dropout_p must be in [0, 1), got {dropout_p}')
+
+
+def fused_operands(backend, q, k, v, null_kv, qm, km, bucket_size, kv_bucket_size):
+    """What the fused kernels take besides the routes, checked: null_k and null_v as [H, D] in q's dtype (or
+    None), the masks from `head_mask` expanded to [B, H, T]."""
     B, H, _, D = q.shape
     require(q.dtype in FUSED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype,
             f'the {backend} backend takes q, k, v of one dtype among float16, bfloat16, float32; got {q.dtype}, '
@@ -109,9 +118,21 @@ def _fused(backend, q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_siz
             f'{bucket_size}, kv bucket {kv_bucket_size}, dim_head {D}; use backend=\'reference\'')
     null_k, null_v = (None, None) if null_kv is None else (t.reshape(H, D).to(q.dtype).contiguous() for t in null_kv)
     expand = lambda m: None if m is None else m.expand(B, H, -1)
-    out, _ = fused.block_attention_fwd(q, k, v, idx.to(torch.int32).contiguous(), w.float().contiguous(), null_k,
-                                       null_v, expand(qm), expand(km), bucket_size, kv_bucket_size, causal,
-                                       n_rotated_heads, scale, dropout_p, dropout_seed(dropout_p, q.device), backend)
+    return null_k, null_v, expand(qm), expand(km)
+
+
+def fused_routes(idx, w):
+    """Routes as the fused kernels take them: int32 indices, fp32 weights, both contiguous."""
+    return idx.to(torch.int32).contiguous(), w.float().contiguous()
+
+
+def _fused(backend, q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_size, causal, n_rotated_heads, scale,
+           dropout_p):
+    from . import fused
+    null_k, null_v, qm, km = fused_operands(backend, q, k, v, null_kv, qm, km, bucket_size, kv_bucket_size)
+    out, _ = fused.block_attention_fwd(q, k, v, *fused_routes(idx, w), null_k, null_v, qm, km, bucket_size,
+                                       kv_bucket_size, causal, n_rotated_heads, scale, dropout_p,
+                                       dropout_seed(dropout_p, q.device), backend)
     return out
 
 

@@ -59,12 +59,17 @@ def _setup_context(ctx, inputs, output):
     ctx.static = static
 
 
+def null_grads(dnk, dnv, null_k, null_v):
+    """The null bucket's gradients from the kernels' per-batch ones (None without a null bucket)."""
+    return (dnk.sum(0).to(null_k.dtype), dnv.sum(0).to(null_v.dtype)) if null_k is not None else (None, None)
+
+
 def _backward(ctx, dout, dlse):
     q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, dw, dnk, dnv = block_attention_bwd(dout.contiguous(), q, k, v, out, lse, idx, w, null_k, null_v,
-                                                   q_mask, kv_mask, *ctx.static)
-    null_grads = (dnk.sum(0).to(null_k.dtype), dnv.sum(0).to(null_v.dtype)) if null_k is not None else (None, None)
-    return (dq, dk, dv, None, dw, *null_grads, None, None) + (None,) * len(_STATIC)
+    # the kernels read dout by its strides: the permuted gradient of the output projection needs no copy
+    dq, dk, dv, dw, dnk, dnv = block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask,
+                                                   *ctx.static)
+    return (dq, dk, dv, None, dw, *null_grads(dnk, dnv, null_k, null_v), None, None) + (None,) * len(_STATIC)
 
 
 block_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

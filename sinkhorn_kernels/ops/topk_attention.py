@@ -1,0 +1,58 @@
+"""Top-k Sinkhorn attention with the attention sort net, on a fused backend, as one autograd node.
+
+Through separate ops, autograd records the bucket summaries, the scores and every top-k round, and its backward
+gives q and k their summaries' gradient as full-size tensors (a mean's gradient made dense, a copy to undo the
+bucketing view) that it then adds to dq and dk: three passes over each of them, ~100 MB at 16k tokens in
+bf16, and some forty small kernels. Here forward routes and runs the block attention kernel; backward runs its
+backward kernels, takes the route weights' gradient back to the summaries by hand (`summary_routes_backward`),
+and adds the summaries' vector-Jacobian product into dq and dk in place (`add_sort_summaries_vjp`). The kernels
+are the `torch.library` ops of `block_attention.fused`, so torch.compile traces this Function around them.
+"""
+import torch
+
+from .block_attention import check_dropout, dropout_seed, fused, fused_operands, fused_routes
+from .sinkhorn_attention import add_sort_summaries_vjp, sort_summaries, summary_routes, summary_routes_backward
+
+
+class TopkAttention(torch.autograd.Function):
+    """q, k, v [B, H, T, D] (any strides), null_k / null_v [H, D] or None, masks [B, H, T] or None, seed: the
+    dropout seed tensor; `opts` holds the plain settings (see `topk_attention`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, null_k, null_v, q_mask, kv_mask, seed, opts):
+        sq, sk = sort_summaries(q, k, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'])
+        scores, idx, w = summary_routes(sq, sk, **opts['routing'], n_query_buckets=opts['n_query_buckets'],
+                                        backend=opts['backend'])
+        idx, w = fused_routes(idx, w)
+        out, lse = fused.block_attention_fwd(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *opts['kernel'], seed,
+                                             opts['backend'])
+        ctx.save_for_backward(q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, seed, sq, sk, scores)
+        ctx.opts = opts
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, seed, sq, sk, scores = ctx.saved_tensors
+        opts = ctx.opts
+        dq, dk, dv, dw, dnk, dnv = fused.block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
+                                                             kv_mask, *opts['kernel'], seed, opts['backend'])
+        d_sq, d_sk = summary_routes_backward(scores, sq, sk, dw, **opts['routing'], backend=opts['backend'])
+        add_sort_summaries_vjp(d_sq, d_sk, dq, dk, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'])
+        return dq, dk, dv, *fused.null_grads(dnk, dnv, null_k, null_v), None, None, None, None
+
+
+def topk_attention(backend, q, k, v, null_kv, q_mask, kv_mask, *, bucket_size, kv_bucket_size, causal,
+                   n_top_buckets, n_sortcut, temperature, own_bucket, n_rotated_heads, dropout_p):
+    """`sinkhorn_attention`'s top-k routing with the attention sort net, then block attention, on the fused
+    `backend`; masks [B, H, T] or None, the rest checked here as `block_attention` checks it -> [B, H, Tq, D]."""
+    check_dropout(dropout_p)
+    null_k, null_v, q_mask, kv_mask = fused_operands(backend, q, k, v, null_kv, q_mask, kv_mask, bucket_size,
+                                                     kv_bucket_size)
+    opts = dict(
+        summaries=dict(bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, causal=causal, n_sortcut=n_sortcut),
+        routing=dict(causal=causal, n_top_buckets=n_top_buckets, n_sortcut=n_sortcut, temperature=temperature,
+                     own_bucket=own_bucket),
+        n_query_buckets=q.shape[2] // bucket_size,
+        kernel=(bucket_size, kv_bucket_size, causal, n_rotated_heads, q.shape[-1] ** -0.5, dropout_p),
+        backend=backend)
+    return TopkAttention.apply(q, k, v, null_k, null_v, q_mask, kv_mask, dropout_seed(dropout_p, q.device), opts)
