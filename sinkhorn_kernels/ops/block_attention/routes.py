@@ -18,12 +18,14 @@ def reverse_index(idx, Nk):
 
 
 class BackwardBuffers:
-    """What both fused backward passes need: delta = rowsum(dout * out), the reverse index, and the gradients
-    to fill (dq, dk, dv like their inputs; dw fp32 like the routes; dnull_k / dnull_v fp32 [B, H, D] or None)."""
+    """What both fused backward passes need: delta = rowsum(dout * out) fp32 [B, H, T] (left to the kernels to
+    write with `delta_by_kernel`), the reverse index, and the gradients to fill (dq, dk, dv like their inputs; dw
+    fp32 like the routes; dnull_k / dnull_v fp32 [B, H, D] or None)."""
 
-    def __init__(self, dout, q, k, v, out, idx, null_k, kv_bucket_size):
-        B, H, _, D = q.shape
-        self.delta = (dout.float() * out.float()).sum(-1).contiguous()
+    def __init__(self, dout, q, k, v, out, idx, null_k, kv_bucket_size, delta_by_kernel=False):
+        B, H, T, D = q.shape
+        self.delta = (new_output(torch.empty(B, H, T, device=q.device, dtype=torch.float32)) if delta_by_kernel
+                      else (dout.float() * out.float()).sum(-1).contiguous())
         self.readers, self.start, self.count = reverse_index(idx, k.shape[2] // kv_bucket_size)
         self.dq = new_output(torch.empty_like(q))
         self.dk, self.dv = new_output(torch.empty_like(k)), new_output(torch.empty_like(v))

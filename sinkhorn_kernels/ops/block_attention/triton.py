@@ -6,9 +6,10 @@ a whole bucket of queries with its key, value and score tiles would not fit in s
 1); idx == Nk is the learned null bucket, -1 no block. Routed keys and values are scaled by their weight inside
 the kernel: no gathered copy of K/V exists, and no score tensor.
 
-Backward: a dQ kernel (which also gives the route weights' gradients) walks each query bucket's routes; a dK/dV
-kernel walks, for each key block (and the null block), the list of (query bucket, route) that read it, from a
-reverse index built with a sort: every gradient is written once, with no atomics, so results are deterministic.
+Backward: a dQ kernel (which also gives the route weights' gradients, and delta = rowsum(dO * O) for the next
+kernel) walks each query bucket's routes; a dK/dV kernel walks, for each key block (and the null block), the list
+of (query bucket, route) that read it, from a reverse index built with a sort: every gradient is written once,
+with no atomics, so results are deterministic.
 """
 import torch
 import triton
@@ -135,8 +136,8 @@ def _scores_and_probs(q, k, w, lse, ok, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
-            sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod,
+def _bwd_dq(Q, K, V, O, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
+            sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, sdob, sdoh, sdot, sdod,
             sdqb, sdqh, sdqt, sdqd, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale, p_drop, seed,
             BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
@@ -150,7 +151,10 @@ def _bwd_dq(Q, K, V, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
     q = _bucket_rows(Q, b, h, u, sqb, sqh, sqt, sqd, rows, dims, BS, D)
     do = _bucket_rows(DO, b, h, u, sdob, sdoh, sdot, sdod, rows, dims, BS, D)
     lse = tl.load(LSE + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=float('inf'))
-    delta = tl.load(DELTA + bh * Nq * BS + u * BS + rows, mask=rows < BS, other=0.0)
+    # delta = rowsum(dO * O) in fp32, written for the dK/dV kernel, which runs after this one
+    o = _bucket_rows(O, b, h, u, sob, soh, sot, sod, rows, dims, BS, D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(DELTA + bh * Nq * BS + u * BS + rows, delta, mask=rows < BS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     route = (bh * Nq + u) * R
     for j in range(R):
@@ -287,13 +291,14 @@ def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, b
              scale, dropout_p, seed):
     """-> (dq, dk, dv, dw [B, H, Nq, R] fp32, dnull_k [B, H, D] fp32 or None, dnull_v)."""
     L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale, dropout_p, seed)
-    buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs)
+    buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs, delta_by_kernel=True)
     has_null = null_k is not None
     nk, nv = (null_k, null_v) if has_null else (q, q)
     masks = L.masks(idx)
     dw_tiles = new_output(torch.empty(*idx.shape, L.row_tiles, device=q.device, dtype=torch.float32))
     _bwd_dq[(L.Nq * L.row_tiles, L.B * L.H)](
-        q, k, v, dout, buf.dq, dw_tiles, lse, buf.delta, idx, w, nk, nv, *masks, *_strides(q, k, v, dout, buf.dq),
+        q, k, v, out, dout, buf.dq, dw_tiles, lse, buf.delta, idx, w, nk, nv, *masks,
+        *_strides(q, k, v, out, dout, buf.dq),
         *L.mask_strides, *L.sizes, **L.meta)
     _bwd_dkv[(L.Nk + (1 if has_null else 0), L.B * L.H)](
         q, k, v, dout, buf.dk, buf.dv, buf.dnull_k if has_null else buf.dq, buf.dnull_v if has_null else buf.dq, lse,
