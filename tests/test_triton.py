@@ -72,6 +72,18 @@ def test_block_attention(case, dtype):
     compare_block_attention(CASES[case], dtype)
 
 
+@pytest.mark.parametrize('Nq,R,Nk', [(5, 3, 4), (40, 30, 7)], ids=['small', 'two_tiles'])
+def test_reverse_index_kernel_lists_the_readers_of_each_block_in_order(Nq, R, Nk):
+    from sinkhorn_kernels.ops.block_attention.routes import reverse_index
+    idx = torch.randint(-1, Nk + 1, (2, 3, Nq, R), dtype=torch.int32)  # -1: no block, Nk: the null block
+    readers, start, count = (outputs.new_output(torch.empty(6, n, dtype=torch.int32)) for n in (Nq * R, Nk + 1, Nk + 1))
+    block_attention_kernels._reverse_index[(Nk + 1, 6)](idx, readers, start, count, Nq * R, Nk, BLOCK_E=64)
+    exact = reverse_index(idx, Nk)
+    assert torch.equal(start, exact[1]) and torch.equal(count, exact[2])
+    for row, n in enumerate(count.sum(1).tolist()):  # routes to no block are listed nowhere
+        assert torch.equal(readers[row, :n], exact[0][row, :n])
+
+
 @pytest.mark.parametrize('case', ['masks', 'sortcut', 'causal_null_rotated'])
 def test_block_attention_in_row_tiles(case, row_tiles_of_16):
     # 24 rows in two tiles, the second reaching past the bucket; causal attention needs equal bucket sizes

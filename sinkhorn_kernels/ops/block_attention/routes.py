@@ -18,15 +18,22 @@ def reverse_index(idx, Nk):
 
 
 class BackwardBuffers:
-    """What both fused backward passes need: delta = rowsum(dout * out) fp32 [B, H, T] (left to the kernels to
-    write with `delta_by_kernel`), the reverse index, and the gradients to fill (dq, dk, dv like their inputs; dw
-    fp32 like the routes; dnull_k / dnull_v fp32 [B, H, D] or None)."""
+    """What both fused backward passes need: delta = rowsum(dout * out) fp32 [B, H, T], the reverse index
+    (`reverse_index`; with `by_kernels` these two are only allocated, for the backend's kernels to write), and the
+    gradients to fill (dq, dk, dv like their inputs; dw fp32 like the routes; dnull_k / dnull_v fp32 [B, H, D] or
+    None)."""
 
-    def __init__(self, dout, q, k, v, out, idx, null_k, kv_bucket_size, delta_by_kernel=False):
+    def __init__(self, dout, q, k, v, out, idx, null_k, kv_bucket_size, by_kernels=False):
         B, H, T, D = q.shape
-        self.delta = (new_output(torch.empty(B, H, T, device=q.device, dtype=torch.float32)) if delta_by_kernel
-                      else (dout.float() * out.float()).sum(-1).contiguous())
-        self.readers, self.start, self.count = reverse_index(idx, k.shape[2] // kv_bucket_size)
+        Nk = k.shape[2] // kv_bucket_size
+        if by_kernels:
+            new_i32 = lambda *shape: new_output(torch.empty(*shape, device=q.device, dtype=torch.int32))
+            self.delta = new_output(torch.empty(B, H, T, device=q.device, dtype=torch.float32))
+            self.readers = new_i32(B * H, idx[0, 0].numel())
+            self.start, self.count = new_i32(B * H, Nk + 1), new_i32(B * H, Nk + 1)
+        else:
+            self.delta = (dout.float() * out.float()).sum(-1).contiguous()
+            self.readers, self.start, self.count = reverse_index(idx, Nk)
         self.dq = new_output(torch.empty_like(q))
         self.dk, self.dv = new_output(torch.empty_like(k)), new_output(torch.empty_like(v))
         self.dw = new_output(torch.empty(idx.shape, device=q.device, dtype=torch.float32))

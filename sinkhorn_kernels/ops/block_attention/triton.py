@@ -8,8 +8,8 @@ the kernel: no gathered copy of K/V exists, and no score tensor.
 
 Backward: a dQ kernel (which also gives the route weights' gradients, and delta = rowsum(dO * O) for the next
 kernel) walks each query bucket's routes; a dK/dV kernel walks, for each key block (and the null block), the list
-of (query bucket, route) that read it, from a reverse index built with a sort: every gradient is written once,
-with no atomics, so results are deterministic.
+of (query bucket, route) that read it, from a reverse index (one program per key block lists its readers in
+order): every gradient is written once, with no atomics, so results are deterministic.
 """
 import torch
 import triton
@@ -229,6 +229,28 @@ def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, 
         tl.store(DNV + bh * D + dims, tl.sum(tl.where(blk_ok, dv, 0.0), axis=0), mask=dims < D)
 
 
+@triton.jit
+def _reverse_index(IDX, READERS, START, COUNT, E, Nk, BLOCK_E: tl.constexpr):
+    """For key block n (Nk: the null block) of (batch x head) bh: the flat route numbers u * R + j with
+    IDX[bh, u, j] == n, in increasing order, into READERS[bh, START[bh, n]:][:COUNT[bh, n]], where START counts
+    the routes to lower blocks: the reverse index `routes.reverse_index` sorts out, one program per block."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    before = 0
+    for e0 in range(0, E, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        blk = tl.load(IDX + bh * E + e, mask=e < E, other=-1)
+        before += tl.sum(((blk >= 0) & (blk < n)).to(tl.int32), axis=0)
+    count = 0
+    for e0 in range(0, E, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        hit = tl.load(IDX + bh * E + e, mask=e < E, other=-1) == n
+        at = before + count + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+        tl.store(READERS + bh * E + at, e, mask=hit)
+        count += tl.sum(hit.to(tl.int32), axis=0)
+    tl.store(START + bh * (Nk + 1) + n, before)
+    tl.store(COUNT + bh * (Nk + 1) + n, count)
+
+
 def _pow2(x):
     return max(16, triton.next_power_of_2(x))
 
@@ -291,7 +313,10 @@ def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, b
              scale, dropout_p, seed):
     """-> (dq, dk, dv, dw [B, H, Nq, R] fp32, dnull_k [B, H, D] fp32 or None, dnull_v)."""
     L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale, dropout_p, seed)
-    buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs, delta_by_kernel=True)
+    buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs, by_kernels=True)
+    E = L.Nq * L.R
+    _reverse_index[(L.Nk + 1, L.B * L.H)](idx, buf.readers, buf.start, buf.count, E, L.Nk,
+                                          BLOCK_E=min(1024, triton.next_power_of_2(E)))
     has_null = null_k is not None
     nk, nv = (null_k, null_v) if has_null else (q, q)
     masks = L.masks(idx)
