@@ -26,11 +26,36 @@ def _per_head(mask, B, H, T, name):
     return None if mask is None else mask.expand(B, H, -1)
 
 
+def _rotated(t, first_head, shift):
+    """A copy of t whose heads first_head.. are rolled left by `shift` along the sequence (axis 2)."""
+    T = t.shape[2]
+    s = shift % T
+    out = torch.empty_like(t)
+    out[:, :first_head] = t[:, :first_head]
+    out[:, first_head:, :T - s] = t[:, first_head:, s:]
+    out[:, first_head:, T - s:] = t[:, first_head:, :s]
+    return out
+
+
+class _RotateHeads(torch.autograd.Function):
+    """Its gradient is the opposite rotation: one pass over the gradient, where autograd through a roll and a
+    cat makes two full-size zero-padded copies of its halves and adds them."""
+
+    @staticmethod
+    def forward(ctx, t, first_head, shift):
+        ctx.first_head, ctx.shift = first_head, shift
+        return _rotated(t, first_head, shift)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _rotated(grad, ctx.first_head, -ctx.shift), None, None
+
+
 def rotate_heads(t, first_head, shift):
     """Rolls the sequence axis (2) of heads first_head.. left by `shift` (negative: right)."""
     if t is None or shift == 0 or first_head >= t.shape[1]:
         return t
-    return torch.cat((t[:, :first_head], t[:, first_head:].roll(-shift, dims=2)), dim=1)
+    return _RotateHeads.apply(t, first_head, shift)
 
 
 def zero_masked(t, mask):
