@@ -7,7 +7,7 @@ from torch import nn
 from . import ops
 from ._checks import check_bucket_multiple, check_mask, require
 from .ops.backends import resolve_backend
-from .ops.sinkhorn_attention import causal_bucket_summaries
+from .ops.sinkhorn_attention import causal_first_means
 
 
 class SimpleSortNet(nn.Module):
@@ -35,7 +35,7 @@ class CausalSimpleSortNet(nn.Module):
 
     def forward(self, q, k, q_mask, kv_mask):
         n = k.shape[2] // self.bucket_size
-        running_mean, _ = causal_bucket_summaries(k, kv_mask, self.bucket_size)
+        running_mean = causal_first_means(k, kv_mask, self.bucket_size)
         first = torch.cat((running_mean, k[:, :, ::self.bucket_size]), dim=-1)
         return F.leaky_relu(first @ self.weight[0])[..., :n + self.n_null]
 

@@ -80,19 +80,28 @@ def running_mean_weights(mask, T, bucket_size, like):
     return rearrange(1 / count, '... (n s) -> ... n s', s=bucket_size)
 
 
-def causal_bucket_summaries(x, mask, bucket_size):
-    """Of the running mean over real tokens, cumavg[t] = sum_{s<=t} x_s / count_t: its value at each bucket's
-    first token and its sum over each bucket, [B, H, N, D] each. Computed from bucket sums and suffix weights
-    (sum_t cumavg[t] = prefix * sum_t 1/count_t + sum_s x_s * sum_{t>=s} 1/count_t) with no pass along the
-    sequence, so its cost is that of two bucket reductions."""
+def _earlier_sums(x, mask, bucket_size):
+    """(1 / count by bucket (see `running_mean_weights`), x by bucket, the sum of x over all earlier buckets)."""
     inv = running_mean_weights(mask, x.shape[2], bucket_size, x)
     xb = rearrange(x, 'b h (n s) d -> b h n s d', s=bucket_size)
     totals = xb.sum(dim=3)
-    before = totals.cumsum(dim=2) - totals  # sum of all earlier buckets
-    first = (before + xb[:, :, :, 0]) * inv[..., 0, None]
+    return inv, xb, totals.cumsum(dim=2) - totals
+
+
+def causal_first_means(x, mask, bucket_size):
+    """The running mean over real tokens, cumavg[t] = sum_{s<=t} x_s / count_t, at each bucket's first token:
+    [B, H, N, D]."""
+    inv, xb, before = _earlier_sums(x, mask, bucket_size)
+    return (before + xb[:, :, :, 0]) * inv[..., 0, None]
+
+
+def causal_summed_means(x, mask, bucket_size):
+    """The running mean's sum over each bucket, [B, H, N, D]: from bucket sums and suffix weights (sum_t cumavg[t]
+    = prefix * sum_t 1/count_t + sum_s x_s * sum_{t>=s} 1/count_t) with no pass along the sequence, so its cost is
+    that of two bucket reductions."""
+    inv, xb, before = _earlier_sums(x, mask, bucket_size)
     suffix = inv.flip(-1).cumsum(dim=-1).flip(-1)
-    summed = before * inv.sum(dim=-1, keepdim=True) + torch.einsum('bhnsd,bhns->bhnd', xb, suffix.expand(*xb.shape[:4]))
-    return first, summed
+    return before * inv.sum(dim=-1, keepdim=True) + torch.einsum('bhnsd,bhns->bhnd', xb, suffix.expand(*xb.shape[:4]))
 
 
 def sort_summaries(q, k, *, bucket_size, kv_bucket_size, causal, n_sortcut=0, q_mask=None, kv_mask=None):
@@ -102,8 +111,7 @@ def sort_summaries(q, k, *, bucket_size, kv_bucket_size, causal, n_sortcut=0, q_
     and k, which the fused layer relies on to take their gradient after q and k are gone."""
     q, k = zero_masked(q, q_mask), zero_masked(k, kv_mask)
     if causal:
-        return (causal_bucket_summaries(q, q_mask, bucket_size)[0],
-                causal_bucket_summaries(k, kv_mask, kv_bucket_size)[1])
+        return causal_first_means(q, q_mask, bucket_size), causal_summed_means(k, kv_mask, kv_bucket_size)
     n_query = 1 if n_sortcut else q.shape[2] // bucket_size
     return masked_bucket_mean(q, q_mask, n_query), masked_bucket_mean(k, kv_mask, k.shape[2] // kv_bucket_size)
 
