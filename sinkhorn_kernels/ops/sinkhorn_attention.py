@@ -122,29 +122,30 @@ def add_sort_summaries_vjp(d_sq, d_sk, dq, dk, *, bucket_size, kv_bucket_size, c
     ([B, H, T, D] of any strides), in place and without a temporary of their size. The summaries are linear, so
     this needs no values of q and k."""
     bucketed = lambda t, n: t.unflatten(2, (n, -1))
-    ones = lambda t: torch.ones((), dtype=t.dtype, device=t.device).expand(*t.shape[:3], 1, 1)
-    real = lambda mask, t, n: bucketed(mask.to(t.dtype), n)[..., None] if mask is not None else ones(bucketed(t, n))
+    # the real tokens as [B, 1 or H, n, s, 1], None when all are
+    real = lambda mask, t, n: None if mask is None else bucketed(mask.to(t.dtype), n)[..., None]
+    add = lambda out, x, m: out.add_(x) if m is None else out.addcmul_(x, m)  # out += x * m
     if not causal:
         for d, out, mask, n in ((d_sq, dq, q_mask, 1 if n_sortcut else dq.shape[2] // bucket_size),
                                 (d_sk, dk, kv_mask, dk.shape[2] // kv_bucket_size)):
-            m = real(mask, out, n)  # [B, 1 or H, n, s, 1]
-            count = m.sum(dim=3).clamp(min=1) if mask is not None else out.shape[2] // n
-            bucketed(out, n).addcmul_((d / count)[:, :, :, None], m)
+            m = real(mask, out, n)
+            count = m.sum(dim=3).clamp(min=1) if m is not None else out.shape[2] // n
+            add(bucketed(out, n), (d / count)[:, :, :, None], m)
         return
     later = lambda t: t.flip(2).cumsum(dim=2).flip(2) - t  # sum over the later buckets
     # queries: first[c] = (sum of real q before bucket c's first token, and it) * inv at that token
     n = dq.shape[2] // bucket_size
     m = real(q_mask, dq, n)
     g = d_sq * running_mean_weights(q_mask, dq.shape[2], bucket_size, dq)[..., 0, None]
-    bucketed(dq, n).addcmul_(later(g)[:, :, :, None], m)
-    bucketed(dq, n)[:, :, :, 0].addcmul_(g, m[:, :, :, 0])
+    add(bucketed(dq, n), later(g)[:, :, :, None], m)
+    add(bucketed(dq, n)[:, :, :, 0], g, None if m is None else m[:, :, :, 0])
     # keys: summed[c] = (sum of real k before bucket c) * sum_c inv + sum_{s in c} k_s * (sum_{t >= s in c} inv_t)
     n = dk.shape[2] // kv_bucket_size
     m = real(kv_mask, dk, n)
     inv = running_mean_weights(kv_mask, dk.shape[2], kv_bucket_size, dk)
-    suffix = inv.flip(-1).cumsum(dim=-1).flip(-1)
-    bucketed(dk, n).addcmul_(later(d_sk * inv.sum(dim=-1, keepdim=True))[:, :, :, None], m)
-    bucketed(dk, n).addcmul_(d_sk[:, :, :, None], m * suffix[..., None])
+    suffix = inv.flip(-1).cumsum(dim=-1).flip(-1)[..., None]
+    add(bucketed(dk, n), later(d_sk * inv.sum(dim=-1, keepdim=True))[:, :, :, None], m)
+    bucketed(dk, n).addcmul_(d_sk[:, :, :, None], suffix if m is None else m * suffix)
 
 
 def summary_scores(sq, sk, n_null=0):
