@@ -213,11 +213,11 @@ def summary_routes_backward(scores, sq, sk, d_weights, *, causal, n_top_buckets,
     """The gradients of the summaries (d_sq, d_sk) from that of `summary_routes`' weights, by hand: no autograd
     graph is kept from forward."""
     n_null = n_top_buckets if causal else 0
+    scale = sq.shape[-1] ** -0.5  # summary_scores: scaled dot products
     if backend == 'triton':
         from .routing import fused as routing_kernels
         k = routes_per_query_bucket(causal, n_top_buckets, n_sortcut, scores.shape[-1])
-        d_scores = routing_kernels.topk_routes_bwd(scores, d_weights, k, temperature, causal, n_null)
-        d_scores = d_scores[..., n_null:].to(sq.dtype)
+        d_scores = routing_kernels.topk_routes_bwd(scores, d_weights, k, temperature, causal, n_null, scale)
     else:
         if own_bucket:
             d_weights = d_weights[..., :-1]  # the own bucket's weight is the constant 1
@@ -225,8 +225,8 @@ def summary_routes_backward(scores, sq, sk, d_weights, *, causal, n_top_buckets,
             d_weights = d_weights.sum(dim=2, keepdim=True)
         d_scores = topk_routes_backward(scores, d_weights.to(scores.dtype), causal=causal,
                                         n_top_buckets=n_top_buckets, n_sortcut=n_sortcut, temperature=temperature,
-                                        n_null=n_null)[..., n_null:]
-    d_scores.mul_(sq.shape[-1] ** -0.5)  # summary_scores: scaled dot products
+                                        n_null=n_null).mul_(scale)
+    d_scores = d_scores[..., n_null:]
     return torch.einsum('bhij,bhjd->bhid', d_scores, sk), torch.einsum('bhij,bhid->bhjd', d_scores, sq)
 
 

@@ -320,7 +320,9 @@ def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, b
     has_null = null_k is not None
     nk, nv = (null_k, null_v) if has_null else (q, q)
     masks = L.masks(idx)
-    dw_tiles = new_output(torch.empty(*idx.shape, L.row_tiles, device=q.device, dtype=torch.float32))
+    # one partial sum of the route weights' gradient per row tile (a whole bucket in one tile: the gradient itself)
+    dw_tiles = (buf.dw if L.row_tiles == 1 else
+                new_output(torch.empty(*idx.shape, L.row_tiles, device=q.device, dtype=torch.float32)))
     _bwd_dq[(L.Nq * L.row_tiles, L.B * L.H)](
         q, k, v, out, dout, buf.dq, dw_tiles, lse, buf.delta, idx, w, nk, nv, *masks,
         *_strides(q, k, v, out, dout, buf.dq),
@@ -329,6 +331,7 @@ def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, b
         q, k, v, dout, buf.dk, buf.dv, buf.dnull_k if has_null else buf.dq, buf.dnull_v if has_null else buf.dq, lse,
         buf.delta, idx, w, nk, nv, *masks, buf.readers, buf.start, buf.count, *_strides(q, k, v, dout, buf.dk, buf.dv),
         *L.mask_strides, *L.sizes, **L.meta)
-    torch.sum(dw_tiles, -1, out=buf.dw)
+    if L.row_tiles > 1:
+        torch.sum(dw_tiles, -1, out=buf.dw)
     return buf.grads()
 

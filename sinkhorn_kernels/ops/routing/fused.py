@@ -19,10 +19,10 @@ def _(scores, k, temperature, causal, n_null, n_query_buckets, own_bucket):
 
 @torch.library.custom_op('sinkhorn_kernels::topk_routes_bwd', mutates_args=())
 def topk_routes_bwd(scores: torch.Tensor, d_weights: torch.Tensor, k: int, temperature: float, causal: bool,
-                    n_null: int) -> torch.Tensor:
-    return kernels.backward(scores, d_weights, k, temperature, causal, n_null)
+                    n_null: int, scale: float) -> torch.Tensor:
+    return kernels.backward(scores, d_weights, k, temperature, causal, n_null, scale)
 
 
 @topk_routes_bwd.register_fake
-def _(scores, d_weights, k, temperature, causal, n_null):
-    return scores.new_empty(scores.shape, dtype=torch.float32)
+def _(scores, d_weights, k, temperature, causal, n_null, scale):
+    return scores.new_empty(scores.shape)

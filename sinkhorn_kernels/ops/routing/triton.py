@@ -63,7 +63,7 @@ def _routes_fwd(S, IDX, W, n_rows, n_cols, Nq, Nk, R, K, n_null, inv_temperature
 
 
 @triton.jit
-def _routes_bwd(S, DW, DS, n_rows, n_cols, Nq, R, K, n_null, inv_temperature, CAUSAL: tl.constexpr,
+def _routes_bwd(S, DW, DS, n_rows, n_cols, Nq, R, K, n_null, inv_temperature, out_scale, CAUSAL: tl.constexpr,
                 BLOCK: tl.constexpr):
     row, g = tl.program_id(0), tl.program_id(1)
     cols, logits = _logits(S, g, row, n_rows, n_cols, n_null, inv_temperature, CAUSAL, BLOCK)
@@ -77,7 +77,8 @@ def _routes_bwd(S, DW, DS, n_rows, n_cols, Nq, R, K, n_null, inv_temperature, CA
         for u in range(first, last):
             dw += tl.load(DW + (g * Nq + u) * R + j)
         d += (dw * w) * ((cols == pick).to(tl.float32) - p)
-    tl.store(DS + (g * n_rows + row) * n_cols + cols, d * inv_temperature, mask=cols < n_cols)
+    tl.store(DS + (g * n_rows + row) * n_cols + cols, (d * (inv_temperature * out_scale)).to(DS.dtype.element_ty),
+             mask=cols < n_cols)
 
 
 def _launch_shape(scores):
@@ -101,12 +102,12 @@ def forward(scores, k, temperature, causal, n_null, n_query_buckets, own_bucket)
     return idx, w
 
 
-def backward(scores, d_weights, k, temperature, causal, n_null):
-    """The gradient of the scores (fp32, like them in shape) from that of `forward`'s weights (own bucket's
-    column ignored)."""
+def backward(scores, d_weights, k, temperature, causal, n_null, scale):
+    """`scale` times the gradient of the scores (like them, computed in fp32) from that of `forward`'s weights
+    (the own bucket's column ignored)."""
     B, H, n_rows, n_cols = scores.shape
-    ds = new_output(torch.empty(scores.shape, device=scores.device, dtype=torch.float32))
+    ds = new_output(torch.empty_like(scores, memory_format=torch.contiguous_format))
     grid, meta = _launch_shape(scores)
     _routes_bwd[grid](scores.contiguous(), d_weights.float().contiguous(), ds, n_rows, n_cols, d_weights.shape[2],
-                      d_weights.shape[3], k, n_null, 1.0 / temperature, CAUSAL=causal, **meta)
+                      d_weights.shape[3], k, n_null, 1.0 / temperature, scale, CAUSAL=causal, **meta)
     return ds
