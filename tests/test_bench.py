@@ -48,6 +48,17 @@ def test_a_compiled_case_runs_through_torch_compile():
     assert counters['stats']['unique_graphs'] >= 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='counts through the Triton interpreter')
+def test_launch_census_counts_a_layer_step():
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'launch_census.py')
+    out = subprocess.run([sys.executable, script, '--seq-len', '256', '--causal'], capture_output=True, text=True,
+                         check=True).stdout
+    assert 'ATen ops and 6 Triton launches' in out  # routing, attention and the reverse index, forward and back
+    assert 'mm ' in out.splitlines()[1] and '_reverse_index 1' in out.splitlines()[2]
+
+
 def test_rows_say_when_and_from_which_code_and_older_files_take_the_new_columns(tmp_path):
     from sinkhorn_kernels.bench.report import append_csv, read_csv
     path = str(tmp_path / 'results.csv')
