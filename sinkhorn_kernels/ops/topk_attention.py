@@ -2,11 +2,12 @@
 
 Through separate ops, autograd records the bucket summaries, the scores and every top-k round, and its backward
 gives q and k their summaries' gradient as full-size tensors (a mean's gradient made dense, a copy to undo the
-bucketing view) that it then adds to dq and dk: three passes over each of them, ~100 MB at 16k tokens in
-bf16, and some forty small kernels. Here forward routes and runs the block attention kernel; backward runs its
-backward kernels, takes the route weights' gradient back to the summaries by hand (`summary_routes_backward`),
-and adds the summaries' vector-Jacobian product into dq and dk in place (`add_sort_summaries_vjp`). The kernels
-are the `torch.library` ops of `block_attention.fused`, so torch.compile traces this Function around them.
+bucketing view) that it then adds to dq and dk: three writes of each of their size (96 MB at 16k tokens in
+bf16), besides some thirty small kernels for the routing (`benchmarks/launch_census.py` counts them). Here
+forward routes and runs the block attention kernel; backward runs its backward kernels, takes the route weights'
+gradient back to the summaries by hand (`summary_routes_backward`), and adds the summaries' vector-Jacobian
+product into dq and dk in place (`add_sort_summaries_vjp`). The kernels are the `torch.library` ops of
+`block_attention.fused` and `routing.fused`, so torch.compile traces this Function around them.
 """
 import torch
 
