@@ -80,6 +80,11 @@ def running_mean_weights(mask, T, bucket_size, like):
     return rearrange(1 / count, '... (n s) -> ... n s', s=bucket_size)
 
 
+def _suffix_sums(t, dim):
+    """t's sums from each position to the end of axis `dim`."""
+    return t.flip(dim).cumsum(dim=dim).flip(dim)
+
+
 def _earlier_sums(x, mask, bucket_size):
     """(1 / count by bucket (see `running_mean_weights`), x by bucket, the sum of x over all earlier buckets)."""
     inv = running_mean_weights(mask, x.shape[2], bucket_size, x)
@@ -100,7 +105,7 @@ def causal_summed_means(x, mask, bucket_size):
     = prefix * sum_t 1/count_t + sum_s x_s * sum_{t>=s} 1/count_t) with no pass along the sequence, so its cost is
     that of two bucket reductions."""
     inv, xb, before = _earlier_sums(x, mask, bucket_size)
-    suffix = inv.flip(-1).cumsum(dim=-1).flip(-1)
+    suffix = _suffix_sums(inv, -1)
     return before * inv.sum(dim=-1, keepdim=True) + torch.einsum('bhnsd,bhns->bhnd', xb, suffix.expand(*xb.shape[:4]))
 
 
@@ -132,7 +137,7 @@ def add_sort_summaries_vjp(d_sq, d_sk, dq, dk, *, bucket_size, kv_bucket_size, c
             count = m.sum(dim=3).clamp(min=1) if m is not None else out.shape[2] // n
             add(bucketed(out, n), (d / count)[:, :, :, None], m)
         return
-    later = lambda t: t.flip(2).cumsum(dim=2).flip(2) - t  # sum over the later buckets
+    later = lambda t: _suffix_sums(t, 2) - t  # sum over the later buckets
     # queries: first[c] = (sum of real q before bucket c's first token, and it) * inv at that token
     n = dq.shape[2] // bucket_size
     m = real(q_mask, dq, n)
@@ -143,7 +148,7 @@ def add_sort_summaries_vjp(d_sq, d_sk, dq, dk, *, bucket_size, kv_bucket_size, c
     n = dk.shape[2] // kv_bucket_size
     m = real(kv_mask, dk, n)
     inv = running_mean_weights(kv_mask, dk.shape[2], kv_bucket_size, dk)
-    suffix = inv.flip(-1).cumsum(dim=-1).flip(-1)[..., None]
+    suffix = _suffix_sums(inv, -1)[..., None]
     add(bucketed(dk, n), later(d_sk * inv.sum(dim=-1, keepdim=True))[:, :, :, None], m)
     bucketed(dk, n).addcmul_(d_sk[:, :, :, None], suffix if m is None else m * suffix)
 
