@@ -10,7 +10,7 @@ from einops import rearrange
 
 from .._checks import check_bucket_multiple, require
 from .backends import resolve_backend
-from .block_attention import block_attention, check_qkv, head_mask, with_own_bucket
+from .block_attention import block_attention, check_qkv, every_bucket_routes, head_mask
 from .routing import topk_routing
 from .routing.reference import topk_routing_backward
 from .sinkhorn import gumbel_sinkhorn
@@ -208,9 +208,7 @@ def summary_routes(sq, sk, *, causal, n_top_buckets, n_sortcut, temperature, n_q
                                                          own_bucket))
     idx, w = topk_routes(scores, causal=causal, n_top_buckets=n_top_buckets, n_sortcut=n_sortcut,
                          temperature=temperature, n_null=n_null)
-    B, H = sq.shape[:2]
-    idx, w = idx.expand(B, H, n_query_buckets, -1), w.expand(B, H, n_query_buckets, -1)
-    return (scores, *with_own_bucket(idx, w)) if own_bucket else (scores, idx, w)
+    return (scores, *every_bucket_routes(idx, w, n_query_buckets, own_bucket))
 
 
 def summary_routes_backward(scores, sq, sk, d_weights, *, causal, n_top_buckets, n_sortcut, temperature, own_bucket,

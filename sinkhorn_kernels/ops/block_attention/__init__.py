@@ -56,10 +56,7 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
     check_dropout(dropout_p)
     name = resolve_backend(backend, q.device)
     scale = D ** -0.5 if scale is None else scale
-    idx = route_indices.expand(B, H, Nq, -1)
-    w = route_weights.expand(B, H, Nq, -1)
-    if own_bucket:
-        idx, w = with_own_bucket(idx, w)
+    idx, w = every_bucket_routes(route_indices, route_weights, Nq, own_bucket)
     qm, km = head_mask(q_mask, B, H, Tq, 'q_mask'), head_mask(kv_mask, B, H, Tk, 'kv_mask')
     n_rotated_heads = n_rotated_heads if causal else 0
     if name != 'reference':
@@ -82,6 +79,13 @@ def block_attention(q, k, v, route_indices, route_weights, *, bucket_size, kv_bu
                            null_kv is not None, has_none, unit_weights, scale, dropout_p, seed)
     out = reference.block_attention(q, k, v, idx.contiguous(), w.to(q.dtype), null_k, null_v, qm, km, lay)
     return out.to(dtype)
+
+
+def every_bucket_routes(idx, w, n_query_buckets, own_bucket):
+    """Routes [B, H, Nq or 1, K] as the kernels read them, [B, H, Nq, K] (SortCut's one set for every query
+    bucket), with each query bucket's own bucket appended when `own_bucket`."""
+    idx, w = (t.expand(*t.shape[:2], n_query_buckets, -1) for t in (idx, w))
+    return with_own_bucket(idx, w) if own_bucket else (idx, w)
 
 
 def with_own_bucket(idx, w):
