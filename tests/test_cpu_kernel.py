@@ -202,7 +202,7 @@ def test_kernel_applies_to_fp32_without_dropout_and_whole_vectors():
 @pytest.mark.skipif(not os.path.exists('/sys/kernel/mm/transparent_hugepage'), reason='no transparent huge pages')
 def test_huge_page_advice_takes_the_whole_pages_of_a_buffer():
     t = torch.empty(4 << 20)
-    ext = cpu_extension.load()
+    ext = cpu_extension.extension
     assert ext.advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
     assert not ext.advise_huge_pages(t.data_ptr() + 1, 100)  # no whole page inside
     big = torch.empty(cpu_extension.HUGE_PAGES_MIN_BYTES // 4)
