@@ -25,7 +25,7 @@ def test_smoke_run_writes_csv_summary_and_plots(tmp_path):
     assert os.path.exists(os.path.join(out, 'sinkhorn_attention_fwd_bwd.png'))
 
 
-def test_compile_adds_compiled_variants_of_ours_and_the_reference(tmp_path):
+def test_compile_adds_compiled_variants_of_ours_and_the_reference():
     from sinkhorn_kernels.bench.__main__ import parse_args, plan
     impls = lambda *argv: {i for _, i, _ in plan(*parse_args(['--ops', 'sinkhorn', '--seq-lens', '256', *argv]))}
     assert not any(i.endswith('+compile') for i in impls())
