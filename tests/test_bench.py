@@ -55,8 +55,23 @@ def test_launch_census_counts_a_layer_step():
     script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'launch_census.py')
     out = subprocess.run([sys.executable, script, '--seq-len', '256', '--causal'], capture_output=True, text=True,
                          check=True).stdout
-    assert 'ATen ops and 6 Triton launches' in out  # routing, attention and the reverse index, forward and back
+    # routing and attention, forward and back, the reverse index, and the dK/dV kernel's plan and partial sums
+    assert 'ATen ops and 8 Triton launches' in out
     assert 'mm ' in out.splitlines()[1] and '_reverse_index 1' in out.splitlines()[2]
+
+
+def test_key_block_readers_tabulates_the_longest_dkv_program():
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'key_block_readers.py')
+    rows = subprocess.run([sys.executable, script, '--seq-lens', '2048'], capture_output=True, text=True,
+                          check=True).stdout.splitlines()[2:]
+    assert [row.split(' | ')[:2] for row in rows] == [['| 2048', 'False'], ['| 2048', 'True']]
+    from sinkhorn_kernels.ops.block_attention.triton import READERS_PER_PROGRAM
+    for row in rows:  # mean / max readers, then the longest program unsplit (the max) and split
+        mean, busiest = map(float, row.split(' | ')[2].split(' / '))
+        unsplit, split = map(int, row.split(' | ')[3].rstrip(' |').split(' / '))
+        assert mean <= busiest == unsplit and split <= min(unsplit, 2 * READERS_PER_PROGRAM - 1)
 
 
 def test_rows_say_when_and_from_which_code_and_older_files_take_the_new_columns(tmp_path):

@@ -42,6 +42,22 @@ def run(backend, dtype, cfg, q, k, v, null, mask, **extra):
 def test_backend_against_fp32_reference(backend, dtype, cfg, extra):
     if cfg['causal'] and ('n_sortcut' in extra or 'non_permutative' in extra):
         pytest.skip('SortCut and Gumbel-Sinkhorn are non-causal only')
+    compare_with_reference(backend, dtype, cfg, dict(extra))
+
+
+@pytest.mark.parametrize('cfg', GRID[:2], ids=['noncausal', 'causal'])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize('extra', [{}, {'n_sortcut': 2}], ids=['plain', 'sortcut'])
+def test_triton_with_every_busy_block_split(dtype, cfg, extra, monkeypatch):
+    if cfg['causal'] and extra:
+        pytest.skip('SortCut is non-causal only')
+    # one reader per dK/dV program: every key block read twice or more is split and its partial sums added
+    from sinkhorn_kernels.ops.block_attention import triton as kernels
+    monkeypatch.setattr(kernels, 'READERS_PER_PROGRAM', 1)
+    compare_with_reference('triton', dtype, cfg, dict(extra))
+
+
+def compare_with_reference(backend, dtype, cfg, extra):
     torch.manual_seed(0)
     B, H, T, D = 2, 4, cfg['bucket'] * cfg['n_buckets'], cfg['dim_head']
     mask = torch.rand(B, T, device='cuda') > 0.2 if extra.pop('masked', False) else None

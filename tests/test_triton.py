@@ -8,6 +8,7 @@ import torch
 import sinkhorn_kernels as sk
 from sinkhorn_kernels import ops
 from sinkhorn_kernels.ops import outputs
+from sinkhorn_kernels.ops.block_attention import every_bucket_routes
 from sinkhorn_kernels.ops.block_attention import triton as block_attention_kernels
 from inputs import GRID, separated_qk
 from naive import naive_block_attention
@@ -79,9 +80,11 @@ def test_reverse_index_kernel_lists_the_readers_of_each_block_in_order(Nq, R, Nk
     from sinkhorn_kernels.ops.block_attention.routes import reverse_index
     idx = torch.randint(-1, Nk + 1, (2, 3, Nq, R), dtype=torch.int32)  # -1: no block, Nk: the null block
     readers, start, count = (outputs.new_output(torch.empty(6, n, dtype=torch.int32)) for n in (Nq * R, Nk + 1, Nk + 1))
-    block_attention_kernels._reverse_index[(Nk + 1, 6)](idx, readers, start, count, Nq * R, Nk, BLOCK_E=64)
+    block_attention_kernels._reverse_index[(Nk, 6)](idx, readers, start, count, Nq * R, Nk, BLOCK_E=64)
     exact = reverse_index(idx, Nk)
-    assert torch.equal(start, exact[1]) and torch.equal(count, exact[2])
+    # the null block's readers (block Nk, listed last) are not the kernel's to list
+    start, count = start[:, :Nk], count[:, :Nk]
+    assert torch.equal(start, exact[1][:, :Nk]) and torch.equal(count, exact[2][:, :Nk])
     for row, n in enumerate(count.sum(1).tolist()):  # routes to no block are listed nowhere
         assert torch.equal(readers[row, :n], exact[0][row, :n])
 
@@ -93,8 +96,24 @@ def test_block_attention_in_row_tiles(case, row_tiles_of_16):
     compare_block_attention({**CASES[case], 'bs': 24, 'kbs': kbs}, torch.float32)
 
 
-def compare_block_attention(case, dtype):
+@pytest.mark.parametrize('per_program', [1, 2])
+@pytest.mark.parametrize('case', ['plain', 'sortcut', 'causal_null_rotated'])
+def test_block_attention_splits_the_readers_of_busy_blocks(case, per_program, monkeypatch):
+    # a block with 2 * per_program readers or more is split over programs whose partial sums are added after
+    monkeypatch.setattr(block_attention_kernels, 'READERS_PER_PROGRAM', per_program)
+
+    def has_split_blocks(idx, q, k, kw):
+        full = every_bucket_routes(idx, idx, q.shape[2] // kw['bucket_size'], kw['own_bucket'])[0]
+        readers = [(full == n).flatten(2).sum(-1) for n in range(k.shape[2] // kw['kv_bucket_size'])]
+        assert torch.stack(readers).max() >= 2 * per_program, 'no key block is split: the case does not test it'
+
+    compare_block_attention(CASES[case], torch.float32, check_routes=has_split_blocks)
+
+
+def compare_block_attention(case, dtype, check_routes=None):
     (q, k, v, idx, w), kw = block_case(**case)
+    if check_routes:
+        check_routes(idx, q, k, kw)
     leaves = [q, k, v, w] + list(kw['null_kv'] or ())
     dout = torch.randn_like(q)
 
@@ -175,6 +194,38 @@ def test_sinkhorn_attention(kw):
 
     check(run('triton', torch.float32), run('reference', torch.float64), None, torch.float32,
           ['out', 'dq', 'dk', 'dv', 'dnull_k', 'dnull_v'])
+
+
+def test_causal_routing_splits_its_busiest_key_blocks(monkeypatch):
+    # causal routing of random inputs crowds the first key buckets (their running means are the largest): at
+    # the default READERS_PER_PROGRAM, some block must be split for the kernel's own reasons, not a test's
+    plans = []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def launch(count, plan, *args, **meta):
+                real[grid](count, plan, *args, **meta)
+                plans.append(plan.clone())
+            return launch
+
+    real = block_attention_kernels._chunk_plan
+    monkeypatch.setattr(block_attention_kernels, '_chunk_plan', Recorded())
+    torch.manual_seed(0)
+    B, H, T, D, bs = 1, 2, 256, 8, 4
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    null = (torch.randn(H, D), torch.randn(H, D))
+
+    def run(backend, dt):
+        ts = [t.to(dt).clone().requires_grad_() for t in (q, k, v, *null)]
+        out = ops.sinkhorn_attention(*ts[:3], bucket_size=bs, n_top_buckets=2, causal=True, null_kv=tuple(ts[3:]),
+                                     backend=backend)
+        out.square().sum().backward()
+        return [out] + [t.grad for t in ts]
+
+    ours = run('triton', torch.float32)
+    Nk = T // bs
+    assert len(plans) == 1 and (plans[0][:, 0, Nk] > Nk).any(), 'no key block was split'
+    check(ours, run('reference', torch.float64), None, torch.float32, ['out', 'dq', 'dk', 'dv', 'dnull_k', 'dnull_v'])
 
 
 def test_sinkhorn_attention_on_triton_is_one_autograd_node():

@@ -35,11 +35,11 @@ class TopkAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, seed, sq, sk, scores = ctx.saved_tensors
         opts = ctx.opts
-        dq, dk, dv, dw, dnk, dnv = fused.block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
-                                                             kv_mask, *opts['kernel'], seed, opts['backend'])
+        dq, dk, dv, dw, dnull = fused.block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
+                                                          kv_mask, *opts['kernel'], seed, opts['backend'])
         d_sq, d_sk = summary_routes_backward(scores, sq, sk, dw, **opts['routing'], backend=opts['backend'])
         add_sort_summaries_vjp(d_sq, d_sk, dq, dk, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'])
-        return dq, dk, dv, *fused.null_grads(dnk, dnv, null_k, null_v), None, None, None, None
+        return dq, dk, dv, *fused.null_grads(dnull, null_k, null_v), None, None, None, None
 
 
 def topk_attention(backend, q, k, v, null_kv, q_mask, kv_mask, *, bucket_size, kv_bucket_size, causal,

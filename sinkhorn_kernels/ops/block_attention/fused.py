@@ -32,22 +32,22 @@ def block_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                         null_v: torch.Tensor | None, q_mask: torch.Tensor | None, kv_mask: torch.Tensor | None,
                         bucket_size: int, kv_bucket_size: int, causal: bool, n_rotated_heads: int, scale: float,
                         dropout_p: float, seed: torch.Tensor, backend: str
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dw, dnk, dnv = kernels(backend).backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
-                                                         kv_mask, bucket_size, kv_bucket_size, causal,
-                                                         n_rotated_heads, scale, dropout_p, seed)
-    if dnk is None:  # custom ops return tensors only: empty null gradients
-        dnk, dnv = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv, dw, dnk, dnv
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dw, dnull = kernels(backend).backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
+                                                      kv_mask, bucket_size, kv_bucket_size, causal, n_rotated_heads,
+                                                      scale, dropout_p, seed)
+    if dnull is None:  # custom ops return tensors only: an empty null gradient
+        dnull = q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dw, dnull
 
 
 @block_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size, causal,
       n_rotated_heads, scale, dropout_p, seed, backend):
     B, H, _, D = q.shape
-    null_shape = (B, H, D) if null_k is not None else (0,)
+    null_shape = (2, B, H, D) if null_k is not None else (0,)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w),
-            q.new_empty(null_shape, dtype=torch.float32), q.new_empty(null_shape, dtype=torch.float32))
+            q.new_empty(null_shape, dtype=torch.float32))
 
 
 _STATIC = ('bucket_size', 'kv_bucket_size', 'causal', 'n_rotated_heads', 'scale', 'dropout_p', 'seed', 'backend')
@@ -59,17 +59,21 @@ def _setup_context(ctx, inputs, output):
     ctx.static = static
 
 
-def null_grads(dnk, dnv, null_k, null_v):
-    """The null bucket's gradients from the kernels' per-batch ones (None without a null bucket)."""
-    return (dnk.sum(0).to(null_k.dtype), dnv.sum(0).to(null_v.dtype)) if null_k is not None else (None, None)
+def null_grads(dnull, null_k, null_v):
+    """The null key's and value's gradients from the kernels' per-batch ones, dnull [2, B, H, D] (None without a
+    null bucket)."""
+    if null_k is None:
+        return None, None
+    dnk, dnv = dnull.sum(1)
+    return dnk.to(null_k.dtype), dnv.to(null_v.dtype)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, lse = ctx.saved_tensors
     # the kernels read dout by its strides: the permuted gradient of the output projection needs no copy
-    dq, dk, dv, dw, dnk, dnv = block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask,
+    dq, dk, dv, dw, dnull = block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask,
                                                    *ctx.static)
-    return (dq, dk, dv, None, dw, *null_grads(dnk, dnv, null_k, null_v), None, None) + (None,) * len(_STATIC)
+    return (dq, dk, dv, None, dw, *null_grads(dnull, null_k, null_v), None, None) + (None,) * len(_STATIC)
 
 
 block_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -20,8 +20,8 @@ def reverse_index(idx, Nk):
 class BackwardBuffers:
     """What both fused backward passes need: delta = rowsum(dout * out) fp32 [B, H, T], the reverse index
     (`reverse_index`; with `by_kernels` these two are only allocated, for the backend's kernels to write), and the
-    gradients to fill (dq, dk, dv like their inputs; dw fp32 like the routes; dnull_k / dnull_v fp32 [B, H, D] or
-    None)."""
+    gradients to fill (dq, dk, dv like their inputs; dw fp32 like the routes; dnull fp32 [2, B, H, D] or None, the
+    null key's and value's, also as its halves dnull_k, dnull_v)."""
 
     def __init__(self, dout, q, k, v, out, idx, null_k, kv_bucket_size, by_kernels=False):
         B, H, T, D = q.shape
@@ -37,12 +37,12 @@ class BackwardBuffers:
         self.dq = new_output(torch.empty_like(q))
         self.dk, self.dv = new_output(torch.empty_like(k)), new_output(torch.empty_like(v))
         self.dw = new_output(torch.empty(idx.shape, device=q.device, dtype=torch.float32))
-        null = null_k is not None
-        self.dnull_k = new_output(torch.empty(B, H, D, device=q.device, dtype=torch.float32)) if null else None
-        self.dnull_v = new_output(torch.empty(B, H, D, device=q.device, dtype=torch.float32)) if null else None
+        self.dnull = None if null_k is None else new_output(torch.empty(2, B, H, D, device=q.device,
+                                                                        dtype=torch.float32))
+        self.dnull_k, self.dnull_v = (None, None) if self.dnull is None else self.dnull
 
     def grads(self):
-        return self.dq, self.dk, self.dv, self.dw, self.dnull_k, self.dnull_v
+        return self.dq, self.dk, self.dv, self.dw, self.dnull
 
 
 def new_attention_output(q):

@@ -6,10 +6,16 @@ a whole bucket of queries with its key, value and score tiles would not fit in s
 1); idx == Nk is the learned null bucket, -1 no block. Routed keys and values are scaled by their weight inside
 the kernel: no gathered copy of K/V exists, and no score tensor.
 
-Backward: a dQ kernel (which also gives the route weights' gradients, and delta = rowsum(dO * O) for the next
-kernel) walks each query bucket's routes; a dK/dV kernel walks, for each key block (and the null block), the list
-of (query bucket, route) that read it, from a reverse index (one program per key block lists its readers in
-order): every gradient is written once, with no atomics, so results are deterministic.
+Backward: a dQ kernel (which also gives the route weights' gradients, delta = rowsum(dO * O) for the next kernel,
+and each program's share of the null bucket's gradient) walks each query bucket's routes; a dK/dV kernel walks,
+for each key block, the list of (query bucket, route) that read it, from a reverse index (one program per key
+block lists its readers in order). Readers are not spread evenly: causal routing of the benchmark's random inputs
+sends 253 query buckets to one key block at 16k tokens (977 at 64k) where the mean is 3, the running means of the
+first buckets being the largest (`benchmarks/key_block_readers.py`). One program per block would leave that
+block's running long after the others, so a block's readers are split into chunks of `READERS_PER_PROGRAM` to
+`2 * READERS_PER_PROGRAM - 1`, one program each; the chunks of a split block write fp32 partial sums that a last
+kernel adds up in order. The null bucket, one vector, takes its gradient from the dQ kernel's programs, each
+summing its own share. Every gradient is written once, with no atomics, so results are deterministic.
 """
 import torch
 import triton
@@ -136,7 +142,7 @@ def _scores_and_probs(q, k, w, lse, ok, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, O, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
+def _bwd_dq(Q, K, V, O, DO, DQ, DW, DNULL, LSE, DELTA, IDX, W, NK, NV, QM, KM,
             sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, sdob, sdoh, sdot, sdod,
             sdqb, sdqh, sdqt, sdqd, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale, p_drop, seed,
             BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -156,6 +162,8 @@ def _bwd_dq(Q, K, V, O, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     tl.store(DELTA + bh * Nq * BS + u * BS + rows, delta, mask=rows < BS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dnull_k = tl.zeros([BLOCK_D], tl.float32)
+    dnull_v = tl.zeros([BLOCK_D], tl.float32)
     route = (bh * Nq + u) * R
     for j in range(R):
         blk = tl.load(IDX + route + j)
@@ -170,25 +178,44 @@ def _bwd_dq(Q, K, V, O, DO, DQ, DW, LSE, DELTA, IDX, W, NK, NV, QM, KM,
         # the gradient of the probabilities before dropout: dP = dropout(w dO . v)
         ds = p * (_kept(dp_raw * w, seed, route + j, rows, cols, p_drop, BLOCK_N, DROPOUT) - delta[:, None])
         dq += tl.dot((ds * w).to(k.dtype), k, input_precision=PRECISION)
+        if HAS_NULL:
+            if blk == Nk:
+                # the null block repeats one key and one value: their gradients are the sums of the block's dK and
+                # dV rows, (w scale ds)^T q and (w dropout(p))^T dO, summed over the block's columns
+                dnull_k += tl.sum(tl.sum(ds, axis=1)[:, None] * q.to(tl.float32), axis=0) * (w * scale)
+                dnull_v += tl.sum(tl.sum(p_kept, axis=1)[:, None] * do.to(tl.float32), axis=0) * w
         # s = w * s_raw and the values are w * v: d/dw = <ds, s_raw> + <dropout(p), dO v>; one partial sum per
         # row tile, added up after the kernel (no atomics)
         tl.store(DW + (route + j) * ROW_TILES + tl.program_id(0) % ROW_TILES,
                  tl.sum(tl.sum(ds * s_raw + p_kept * dp_raw, axis=1), axis=0))
     tl.store(DQ + b * sdqb + h * sdqh + (u * BS + rows)[:, None] * sdqt + dims[None, :] * sdqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < BS) & (dims[None, :] < D))
+    if HAS_NULL:
+        # DNULL [2, B x H, programs along axis 0, D]: this program's shares, summed after the kernel
+        share = (bh * tl.num_programs(0) + tl.program_id(0)) * D + dims
+        tl.store(DNULL + share, dnull_k, mask=dims < D)
+        tl.store(DNULL + tl.num_programs(1) * tl.num_programs(0) * D + share, dnull_v, mask=dims < D)
 
 
 @triton.jit
-def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, READERS, START, COUNT,
+def _bwd_dkv(Q, K, V, DO, DK, DV, PARTS, LSE, DELTA, IDX, W, NK, NV, QM, KM, READERS, START, COUNT, PLAN, OWNER,
              sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod,
              sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, sqm_b, sqm_h, skm_b, skm_h, H, Nq, Nk, R, n_rot, scale,
-             p_drop, seed, BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NULL: tl.constexpr,
-             HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
-             ROW_TILES: tl.constexpr):
-    n = tl.program_id(0)  # key block; n == Nk is the null block
+             p_drop, seed, per_program, n_slots, BS: tl.constexpr, KBS: tl.constexpr, D: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_NULL: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, PRECISION: tl.constexpr,
+             DROPOUT: tl.constexpr, ROW_TILES: tl.constexpr):
+    """Program `chunk_id` takes that chunk of the plan (`_chunk_plan`); the grid has room for the most chunks there
+    can be, and programs past the plan's count do nothing."""
+    chunk_id = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
+    plan = PLAN + bh * 2 * (Nk + 1)
+    total = tl.load(plan + Nk)
+    live = chunk_id < total
+    n = tl.load(OWNER + bh * tl.num_programs(0) + chunk_id, mask=live, other=0)  # the key block
+    chunk = chunk_id - tl.load(plan + n)
+    chunks = tl.load(plan + n + 1) - tl.load(plan + n)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     k = _load_block(K, NK, n, b, h, skb, skh, skt, skd, Nk, KBS, D, cols, dims, HAS_NULL)
@@ -196,8 +223,10 @@ def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     start = tl.load(START + bh * (Nk + 1) + n)
-    count = tl.load(COUNT + bh * (Nk + 1) + n)
-    for r in range(count):
+    first = chunk * per_program
+    # the last chunk takes the rest; programs past the plan read nothing
+    last = tl.where(chunk == chunks - 1, tl.load(COUNT + bh * (Nk + 1) + n), first + per_program)
+    for r in range(first, tl.where(live, last, first)):
         e = tl.load(READERS + bh * Nq * R + start + r)
         u, j = e // R, e % R
         w = tl.load(W + bh * Nq * R + e)
@@ -218,22 +247,79 @@ def _bwd_dkv(Q, K, V, DO, DK, DV, DNK, DNV, LSE, DELTA, IDX, W, NK, NV, QM, KM, 
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans((ds * (w * scale)).to(q.dtype)), q, input_precision=PRECISION)
     blk_ok = (cols[:, None] < KBS) & (dims[None, :] < D)
-    if n < Nk:
-        tl.store(DK + b * sdkb + h * sdkh + (n * KBS + cols)[:, None] * sdkt + dims[None, :] * sdkd,
-                 dk.to(DK.dtype.element_ty), mask=blk_ok)
-        tl.store(DV + b * sdvb + h * sdvh + (n * KBS + cols)[:, None] * sdvt + dims[None, :] * sdvd,
-                 dv.to(DV.dtype.element_ty), mask=blk_ok)
-    elif HAS_NULL:
-        # the null block is one vector repeated over the block: its gradient is the sum over the block's rows
-        tl.store(DNK + bh * D + dims, tl.sum(tl.where(blk_ok, dk, 0.0), axis=0), mask=dims < D)
-        tl.store(DNV + bh * D + dims, tl.sum(tl.where(blk_ok, dv, 0.0), axis=0), mask=dims < D)
+    live_v = (cols * 0 + chunk_id) < total
+    whole = (live_v & (cols * 0 + chunks == 1))[:, None]  # the block's only chunk writes the gradients
+    tl.store(DK + b * sdkb + h * sdkh + (n * KBS + cols)[:, None] * sdkt + dims[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=blk_ok & whole)
+    tl.store(DV + b * sdvb + h * sdvh + (n * KBS + cols)[:, None] * sdvt + dims[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=blk_ok & whole)
+    part = _part_tile(PARTS, bh, tl.load(plan + Nk + 1 + n) + chunk, n_slots, cols, dims, BLOCK_N, BLOCK_D)
+    split = (live_v & (cols * 0 + chunks > 1))[:, None]
+    tl.store(part, dk, mask=split)
+    tl.store(part + BLOCK_N * BLOCK_D, dv, mask=split)
+
+
+@triton.jit
+def _part_tile(PARTS, bh, slot, n_slots, cols, dims, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers to the dK partial sum in slot `slot` of PARTS [B x H, n_slots, 2 (dK, dV), BLOCK_N, BLOCK_D]."""
+    return PARTS + ((bh * n_slots + slot) * 2 * BLOCK_N + cols)[:, None] * BLOCK_D + dims[None, :]
+
+
+@triton.jit
+def _chunk_plan(COUNT, PLAN, OWNER, Nk, per_program, n_programs, BLOCK: tl.constexpr):
+    """Splits the readers of each key block of (batch x head) program_id(0) into max(1, count // per_program)
+    chunks, one dK/dV program each, and gives every chunk of a block with more than one a slot for its partial
+    sums: PLAN[bh, 0, n] is block n's first chunk (PLAN[bh, 0, Nk]: the number of chunks), PLAN[bh, 1, n] its
+    first slot, OWNER[bh, c] (of n_programs) the block of chunk c."""
+    bh = tl.program_id(0)
+    chunks_before = 0
+    slots_before = 0
+    for n0 in range(0, Nk, BLOCK):
+        n = n0 + tl.arange(0, BLOCK)
+        count = tl.load(COUNT + bh * (Nk + 1) + n, mask=n < Nk, other=0)
+        chunks = tl.where(n < Nk, tl.maximum(count // per_program, 1), 0)
+        slots = tl.where(chunks > 1, chunks, 0)
+        first = chunks_before + tl.cumsum(chunks, axis=0) - chunks
+        tl.store(PLAN + bh * 2 * (Nk + 1) + n, first, mask=n < Nk)
+        for c in range(tl.max(chunks, axis=0)):
+            tl.store(OWNER + bh * n_programs + first + c, n, mask=c < chunks)
+        tl.store(PLAN + (bh * 2 + 1) * (Nk + 1) + n, slots_before + tl.cumsum(slots, axis=0) - slots, mask=n < Nk)
+        chunks_before += tl.sum(chunks, axis=0)
+        slots_before += tl.sum(slots, axis=0)
+    tl.store(PLAN + bh * 2 * (Nk + 1) + Nk, chunks_before)
+
+
+@triton.jit
+def _sum_parts(PARTS, PLAN, DK, DV, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, H, Nk, n_slots,
+               KBS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK and dV of key block program_id(0) from its chunks' partial sums, added in chunk order, where the dK/dV
+    kernel split it (the others it wrote itself)."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    plan = PLAN + bh * 2 * (Nk + 1)
+    chunks = tl.load(plan + n + 1) - tl.load(plan + n)
+    slot = tl.load(plan + Nk + 1 + n)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for c in range(tl.where(chunks > 1, chunks, 0)):
+        part = _part_tile(PARTS, bh, slot + c, n_slots, cols, dims, BLOCK_N, BLOCK_D)
+        dk += tl.load(part)
+        dv += tl.load(part + BLOCK_N * BLOCK_D)
+    ok = (cols[:, None] < KBS) & (dims[None, :] < D) & (cols * 0 + chunks > 1)[:, None]
+    tl.store(DK + b * sdkb + h * sdkh + (n * KBS + cols)[:, None] * sdkt + dims[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + b * sdvb + h * sdvh + (n * KBS + cols)[:, None] * sdvt + dims[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _reverse_index(IDX, READERS, START, COUNT, E, Nk, BLOCK_E: tl.constexpr):
-    """For key block n (Nk: the null block) of (batch x head) bh: the flat route numbers u * R + j with
-    IDX[bh, u, j] == n, in increasing order, into READERS[bh, START[bh, n]:][:COUNT[bh, n]], where START counts
-    the routes to lower blocks: the reverse index `routes.reverse_index` sorts out, one program per block."""
+    """For key block n < Nk of (batch x head) bh: the flat route numbers u * R + j with IDX[bh, u, j] == n, in
+    increasing order, into READERS[bh, START[bh, n]:][:COUNT[bh, n]], where START counts the routes to lower
+    blocks: the reverse index `routes.reverse_index` sorts out, one program per block. The null block's entry
+    (n = Nk) is left unwritten: the dQ kernel takes its gradient."""
     n, bh = tl.program_id(0), tl.program_id(1)
     before = 0
     for e0 in range(0, E, BLOCK_E):
@@ -249,6 +335,12 @@ def _reverse_index(IDX, READERS, START, COUNT, E, Nk, BLOCK_E: tl.constexpr):
         count += tl.sum(hit.to(tl.int32), axis=0)
     tl.store(START + bh * (Nk + 1) + n, before)
     tl.store(COUNT + bh * (Nk + 1) + n, count)
+
+
+# readers of a key block per dK/dV program (a split block's chunks take up to twice as many). Split blocks cost
+# fp32 partial sums, at most (all routes / READERS_PER_PROGRAM) slots of 2 x bucket x dim_head: at 16, with 3
+# routes per query bucket, a buffer of 3/4 of q's size, for a longest program of at most 31 readers.
+READERS_PER_PROGRAM = 16
 
 
 def _pow2(x):
@@ -311,11 +403,11 @@ def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n
 
 def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads,
              scale, dropout_p, seed):
-    """-> (dq, dk, dv, dw [B, H, Nq, R] fp32, dnull_k [B, H, D] fp32 or None, dnull_v)."""
+    """-> (dq, dk, dv, dw [B, H, Nq, R] fp32, dnull [2, B, H, D] fp32 (the null key's, the null value's) or None)."""
     L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale, dropout_p, seed)
     buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs, by_kernels=True)
     E = L.Nq * L.R
-    _reverse_index[(L.Nk + 1, L.B * L.H)](idx, buf.readers, buf.start, buf.count, E, L.Nk,
+    _reverse_index[(L.Nk, L.B * L.H)](idx, buf.readers, buf.start, buf.count, E, L.Nk,
                                           BLOCK_E=min(1024, triton.next_power_of_2(E)))
     has_null = null_k is not None
     nk, nv = (null_k, null_v) if has_null else (q, q)
@@ -323,15 +415,33 @@ def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, b
     # one partial sum of the route weights' gradient per row tile (a whole bucket in one tile: the gradient itself)
     dw_tiles = (buf.dw if L.row_tiles == 1 else
                 new_output(torch.empty(*idx.shape, L.row_tiles, device=q.device, dtype=torch.float32)))
-    _bwd_dq[(L.Nq * L.row_tiles, L.B * L.H)](
-        q, k, v, out, dout, buf.dq, dw_tiles, lse, buf.delta, idx, w, nk, nv, *masks,
+    dq_programs = L.Nq * L.row_tiles
+    null_shares = (new_output(torch.empty(2, L.B, L.H, dq_programs, L.D, device=q.device, dtype=torch.float32))
+                   if has_null else buf.dq)
+    _bwd_dq[(dq_programs, L.B * L.H)](
+        q, k, v, out, dout, buf.dq, dw_tiles, null_shares, lse, buf.delta, idx, w, nk, nv, *masks,
         *_strides(q, k, v, out, dout, buf.dq),
         *L.mask_strides, *L.sizes, **L.meta)
-    _bwd_dkv[(L.Nk + (1 if has_null else 0), L.B * L.H)](
-        q, k, v, dout, buf.dk, buf.dv, buf.dnull_k if has_null else buf.dq, buf.dnull_v if has_null else buf.dq, lse,
-        buf.delta, idx, w, nk, nv, *masks, buf.readers, buf.start, buf.count, *_strides(q, k, v, dout, buf.dk, buf.dv),
-        *L.mask_strides, *L.sizes, **L.meta)
+    per_program = READERS_PER_PROGRAM
+    # a block of c readers has max(1, c // per_program) chunks: at most Nk + E // per_program in all
+    n_programs = L.Nk + E // per_program
+    plan = new_output(torch.empty(L.B * L.H, 2, L.Nk + 1, device=q.device, dtype=torch.int32))
+    owner = new_output(torch.empty(L.B * L.H, n_programs, device=q.device, dtype=torch.int32))
+    _chunk_plan[(L.B * L.H,)](buf.count, plan, owner, L.Nk, per_program, n_programs,
+                              BLOCK=min(1024, triton.next_power_of_2(L.Nk)))
+    n_slots = max(1, E // per_program)
+    meta = L.meta
+    parts = new_output(torch.empty(L.B * L.H, n_slots, 2, meta['BLOCK_N'], meta['BLOCK_D'], device=q.device,
+                                   dtype=torch.float32))
+    _bwd_dkv[(n_programs, L.B * L.H)](
+        q, k, v, dout, buf.dk, buf.dv, parts, lse, buf.delta, idx, w, nk, nv, *masks, buf.readers, buf.start,
+        buf.count, plan, owner, *_strides(q, k, v, dout, buf.dk, buf.dv), *L.mask_strides, *L.sizes, per_program,
+        n_slots, **meta)
+    _sum_parts[(L.Nk, L.B * L.H)](parts, plan, buf.dk, buf.dv, *_strides(buf.dk, buf.dv), L.H, L.Nk, n_slots,
+                                  KBS=kbs, D=L.D, BLOCK_N=meta['BLOCK_N'], BLOCK_D=meta['BLOCK_D'])
     if L.row_tiles > 1:
         torch.sum(dw_tiles, -1, out=buf.dw)
+    if has_null:
+        torch.sum(null_shares, 3, out=buf.dnull)
     return buf.grads()
 
