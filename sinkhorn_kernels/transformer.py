@@ -152,9 +152,11 @@ class SinkhornTransformerLM(nn.Module):
         self.to_logits = nn.Identity() if return_embeddings else nn.Linear(emb_dim, num_tokens)
 
     def forward(self, x, input_mask=None, context=None, context_mask=None):
-        require(x.dim() == 2 and not x.is_floating_point(), f'x must be [batch, seq_len] token ids, got {tuple(x.shape)} {x.dtype}')
+        require(x.dim() == 2 and not x.is_floating_point(),
+                f'x must be [batch, seq_len] token ids, got {tuple(x.shape)} {x.dtype}')
         require(x.shape[1] <= self.max_seq_len,
-                f'sequence length {x.shape[1]} exceeds max_seq_len {self.max_seq_len}; truncate or build a longer model')
+                f'sequence length {x.shape[1]} exceeds max_seq_len {self.max_seq_len}; truncate or build a longer '
+                'model')
         x = self.token_emb(x)
         x = self.emb_dropout(x + self.pos_emb(x))
         x = self.transformer(self.project_in(x), input_mask=input_mask, context=context, context_mask=context_mask)

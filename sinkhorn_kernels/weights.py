@@ -40,8 +40,9 @@ def load_reference_weights(model, state_dict):
         if isinstance(module, SinkhornSelfAttention) and module.context_only and key not in ours:
             weight = target[key]
             if weight.shape[0] != 2 * weight.shape[1]:
-                raise ValueError(f'{name or type(model).__name__}: the checkpoint has no context projection and heads * dim_head != dim, '
-                                 'so no projection reproduces it; load with dim_head = dim // heads')
+                raise ValueError(f'{name or type(model).__name__}: the checkpoint has no context projection and '
+                                 'heads * dim_head != dim, so no projection reproduces it; load with '
+                                 'dim_head = dim // heads')
             eye = torch.eye(weight.shape[1], dtype=weight.dtype)
             ours[key] = torch.cat((eye, eye), dim=0)
     missing = sorted(set(target) - set(ours))

@@ -16,6 +16,14 @@ FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _global_backend = None
 
 
+def optional_module(name):
+    """The module `name` (a compiled extension), or None when the package was installed without it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 def triton_interpreted():
     return os.environ.get('TRITON_INTERPRET') == '1'
 

@@ -1,18 +1,11 @@
 """Access to the compiled extension sinkhorn_kernels._cpu (csrc/*_cpu.cpp, cpu_*.cpp): the module (`extension`, None
 when the package was installed without it), and the advice
 that puts the fused layer's large buffers on transparent huge pages (csrc/cpu_memory.cpp)."""
-import importlib
 import os
 
+from .backends import optional_module
 
-def _load():
-    try:
-        return importlib.import_module('sinkhorn_kernels._cpu')
-    except ImportError:
-        return None
-
-
-extension = _load()
+extension = optional_module('sinkhorn_kernels._cpu')
 # SINKHORN_KERNELS_HUGE_PAGES=0: the fused layer's buffers stay on the pages the allocator gives
 huge_pages = extension is not None and os.environ.get('SINKHORN_KERNELS_HUGE_PAGES', '1') != '0'
 # glibc maps a block this large on its own (its largest mmap threshold), so the advice never lands on its heap,

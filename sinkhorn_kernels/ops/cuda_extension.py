@@ -1,17 +1,14 @@
 """Access to the compiled extension sinkhorn_kernels._C: dtype codes and the current CUDA stream of a tensor."""
-import importlib
-
 import torch
+
+from .backends import optional_module
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def load():
     """The extension module, or None when the package was installed without it."""
-    try:
-        return importlib.import_module('sinkhorn_kernels._C')
-    except ImportError:
-        return None
+    return optional_module('sinkhorn_kernels._C')
 
 
 def dtype_code(t):

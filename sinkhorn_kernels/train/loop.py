@@ -45,7 +45,8 @@ def validate_config(cfg, world):
     require(cfg['batch_size'] % (world * cfg['grad_accum']) == 0,
             f'--batch-size {cfg["batch_size"]} must divide evenly over {world} processes x {cfg["grad_accum"]} '
             'accumulation steps')
-    require(cfg['steps'] >= 1 and cfg['lr'] > 0 and cfg['eval_every'] >= 1, '--steps, --lr and --eval-every must be positive')
+    require(cfg['steps'] >= 1 and cfg['lr'] > 0 and cfg['eval_every'] >= 1,
+            '--steps, --lr and --eval-every must be positive')
 
 
 def learning_rate(cfg, step):

@@ -11,7 +11,8 @@ def reverse_index(idx, Nk):
     flat = idx.reshape(BH, -1).long()
     target = torch.where(flat < 0, Nk + 1, flat)  # routes to no block sort last and are never read
     order = torch.argsort(target * flat.shape[1] + torch.arange(flat.shape[1], device=idx.device), dim=1)
-    count = torch.zeros(BH, Nk + 2, dtype=torch.int64, device=idx.device).scatter_add_(1, target, torch.ones_like(target))
+    count = torch.zeros(BH, Nk + 2, dtype=torch.int64, device=idx.device)
+    count.scatter_add_(1, target, torch.ones_like(target))
     start = count.cumsum(dim=1) - count
     as_i32 = lambda t: t[:, :Nk + 1].to(torch.int32).contiguous()
     return order.to(torch.int32).contiguous(), as_i32(start), as_i32(count)

@@ -89,7 +89,8 @@ def _sinkhorn_bwd(X, P, DP, DX, A, B, GA, GB, n, m, n_iters, BR: tl.constexpr, B
     B += g * (n_iters + 1) * m
     GB += g * (n_iters + 1) * m
     # P = exp(x - a_T - b_T): dP * P sends -rowsum to a_T and -colsum to b_T
-    _dp_p_sums(DP, P, GA + (n_iters - 1) * n, GB + n_iters * m, n, m, BR, BC)
+    _dp_p_sums(DP, P, m, 1, n, m, GA + (n_iters - 1) * n, BR, BC)
+    _dp_p_sums(DP, P, 1, m, m, n, GB + n_iters * m, BC, BR)
     tl.debug_barrier()
     for s in range(n_iters):
         t = n_iters - 1 - s
@@ -120,26 +121,18 @@ def _sinkhorn_bwd(X, P, DP, DX, A, B, GA, GB, n, m, n_iters, BR: tl.constexpr, B
 
 
 @triton.jit
-def _dp_p_sums(DP, P, GROW, GCOL, n, m, BR: tl.constexpr, BC: tl.constexpr):
-    """GROW[i] = -sum_j dP P, GCOL[j] = -sum_i dP P."""
-    for i0 in range(0, n, BR):
-        rows = i0 + tl.arange(0, BR)
-        acc = tl.zeros([BR], tl.float32)
-        for j0 in range(0, m, BC):
-            cols = j0 + tl.arange(0, BC)
-            ok = (rows[:, None] < n) & (cols[None, :] < m)
-            offs = rows[:, None] * m + cols[None, :]
-            acc += tl.sum(tl.load(DP + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(P + offs, mask=ok, other=0.0), axis=1)
-        tl.store(GROW + rows, -acc, mask=rows < n)
-    for j0 in range(0, m, BC):
-        cols = j0 + tl.arange(0, BC)
-        acc = tl.zeros([BC], tl.float32)
-        for i0 in range(0, n, BR):
-            rows = i0 + tl.arange(0, BR)
-            ok = (rows[:, None] < n) & (cols[None, :] < m)
-            offs = rows[:, None] * m + cols[None, :]
-            acc += tl.sum(tl.load(DP + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(P + offs, mask=ok, other=0.0), axis=0)
-        tl.store(GCOL + cols, -acc, mask=cols < m)
+def _dp_p_sums(DP, P, s_out, s_in, n_out, n_in, OUT, BO: tl.constexpr, BI: tl.constexpr):
+    """OUT[o] = -sum_i (dP P)[o * s_out + i * s_in]: row sums with (m, 1), column sums with (1, m)."""
+    for o0 in range(0, n_out, BO):
+        outs = o0 + tl.arange(0, BO)
+        acc = tl.zeros([BO], tl.float32)
+        for i0 in range(0, n_in, BI):
+            ins = i0 + tl.arange(0, BI)
+            ok = (outs[:, None] < n_out) & (ins[None, :] < n_in)
+            offs = outs[:, None] * s_out + ins[None, :] * s_in
+            dp = tl.load(DP + offs, mask=ok, other=0.0).to(tl.float32)
+            acc += tl.sum(dp * tl.load(P + offs, mask=ok, other=0.0), axis=1)
+        tl.store(OUT + outs, -acc, mask=outs < n_out)
 
 
 def _tiles(n, m):
