@@ -75,12 +75,12 @@ def test_block_attention(case, dtype):
     compare_block_attention(CASES[case], dtype)
 
 
-@pytest.mark.parametrize('Nq,R,Nk', [(5, 3, 4), (40, 30, 7)], ids=['small', 'two_tiles'])
+@pytest.mark.parametrize('Nq,R,Nk', [(5, 3, 4), (40, 30, 7), (50, 3, 40)], ids=['small', 'tiles', 'groups'])
 def test_reverse_index_kernel_lists_the_readers_of_each_block_in_order(Nq, R, Nk):
     from sinkhorn_kernels.ops.block_attention.routes import reverse_index
     idx = torch.randint(-1, Nk + 1, (2, 3, Nq, R), dtype=torch.int32)  # -1: no block, Nk: the null block
     readers, start, count = (outputs.new_output(torch.empty(6, n, dtype=torch.int32)) for n in (Nq * R, Nk + 1, Nk + 1))
-    block_attention_kernels._reverse_index[(Nk, 6)](idx, readers, start, count, Nq * R, Nk, BLOCK_E=64)
+    block_attention_kernels.write_reverse_index(idx, readers, start, count, Nk)
     exact = reverse_index(idx, Nk)
     # the null block's readers (block Nk, listed last) are not the kernel's to list
     start, count = start[:, :Nk], count[:, :Nk]

@@ -8,8 +8,8 @@ the kernel: no gathered copy of K/V exists, and no score tensor.
 
 Backward: a dQ kernel (which also gives the route weights' gradients, delta = rowsum(dO * O) for the next kernel,
 and each program's share of the null bucket's gradient) walks each query bucket's routes; a dK/dV kernel walks,
-for each key block, the list of (query bucket, route) that read it, from a reverse index (one program per key
-block lists its readers in order). Readers are not spread evenly: causal routing of the benchmark's random inputs
+for each key block, the list of (query bucket, route) that read it, from a reverse index (a program per 16 key
+blocks lists their readers in order). Readers are not spread evenly: causal routing of the benchmark's random inputs
 sends 253 query buckets to one key block at 16k tokens (977 at 64k) where the mean is 3, the running means of the
 first buckets being the largest (`benchmarks/key_block_readers.py`). One program per block would leave that
 block's running long after the others, so a block's readers are split into chunks of `READERS_PER_PROGRAM` to
@@ -315,26 +315,40 @@ def _sum_parts(PARTS, PLAN, DK, DV, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sd
 
 
 @triton.jit
-def _reverse_index(IDX, READERS, START, COUNT, E, Nk, BLOCK_E: tl.constexpr):
-    """For key block n < Nk of (batch x head) bh: the flat route numbers u * R + j with IDX[bh, u, j] == n, in
+def _reverse_index(IDX, READERS, START, COUNT, E, Nk, GROUP: tl.constexpr, BLOCK_E: tl.constexpr):
+    """For key blocks n < Nk of (batch x head) bh: the flat route numbers u * R + j with IDX[bh, u, j] == n, in
     increasing order, into READERS[bh, START[bh, n]:][:COUNT[bh, n]], where START counts the routes to lower
-    blocks: the reverse index `routes.reverse_index` sorts out, one program per block. The null block's entry
-    (n = Nk) is left unwritten: the dQ kernel takes its gradient."""
-    n, bh = tl.program_id(0), tl.program_id(1)
-    before = 0
+    blocks: the reverse index `routes.reverse_index` sorts out. A program lists the readers of GROUP blocks, so
+    the routes are read Nk / GROUP times rather than Nk times (at a million tokens they are 48k per head). The
+    null block's entry (n = Nk) is left unwritten: the dQ kernel takes its gradient."""
+    bh = tl.program_id(1)
+    blocks = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
+    before = 0  # routes to blocks below the group's
+    count = tl.zeros([GROUP], tl.int32)
     for e0 in range(0, E, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)
         blk = tl.load(IDX + bh * E + e, mask=e < E, other=-1)
-        before += tl.sum(((blk >= 0) & (blk < n)).to(tl.int32), axis=0)
-    count = 0
+        before += tl.sum(((blk >= 0) & (blk < tl.program_id(0) * GROUP)).to(tl.int32), axis=0)
+        count += tl.sum((blk[None, :] == blocks[:, None]).to(tl.int32), axis=1)
+    start = before + tl.cumsum(count, axis=0) - count
+    listed = tl.zeros([GROUP], tl.int32)
     for e0 in range(0, E, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)
-        hit = tl.load(IDX + bh * E + e, mask=e < E, other=-1) == n
-        at = before + count + tl.cumsum(hit.to(tl.int32), axis=0) - 1
-        tl.store(READERS + bh * E + at, e, mask=hit)
-        count += tl.sum(hit.to(tl.int32), axis=0)
-    tl.store(START + bh * (Nk + 1) + n, before)
-    tl.store(COUNT + bh * (Nk + 1) + n, count)
+        hit = (tl.load(IDX + bh * E + e, mask=e < E, other=-1)[None, :] == blocks[:, None]).to(tl.int32)
+        at = (start + listed)[:, None] + tl.cumsum(hit, axis=1) - 1
+        tl.store(READERS + bh * E + at, e[None, :] + tl.zeros_like(at), mask=hit != 0)
+        listed += tl.sum(hit, axis=1)
+    tl.store(START + bh * (Nk + 1) + blocks, start, mask=blocks < Nk)
+    tl.store(COUNT + bh * (Nk + 1) + blocks, count, mask=blocks < Nk)
+
+
+def write_reverse_index(idx, readers, start, count, Nk):
+    """Writes the reverse index of routes idx [B, H, Nq, R] into readers [B x H, Nq * R], start and count
+    [B x H, Nk + 1] (see `_reverse_index`)."""
+    BH, E = readers.shape
+    group = min(16, triton.next_power_of_2(Nk))
+    _reverse_index[(triton.cdiv(Nk, group), BH)](idx, readers, start, count, E, Nk, GROUP=group,
+                                                 BLOCK_E=min(256, triton.next_power_of_2(E)))
 
 
 # readers of a key block per dK/dV program (a split block's chunks take up to twice as many). Split blocks cost
@@ -407,8 +421,7 @@ def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, b
     L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale, dropout_p, seed)
     buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs, by_kernels=True)
     E = L.Nq * L.R
-    _reverse_index[(L.Nk, L.B * L.H)](idx, buf.readers, buf.start, buf.count, E, L.Nk,
-                                          BLOCK_E=min(1024, triton.next_power_of_2(E)))
+    write_reverse_index(idx, buf.readers, buf.start, buf.count, L.Nk)
     has_null = null_k is not None
     nk, nv = (null_k, null_v) if has_null else (q, q)
     masks = L.masks(idx)
