@@ -310,10 +310,13 @@ def test_compile_fullgraph_without_graph_breaks(backend):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize('tiled', [False, True], ids=['whole_buckets', 'row_tiles'])
-def test_dropout_is_seeded_and_its_backward_matches_its_forward(tiled, request):
+@pytest.mark.parametrize('tiled,split', [(False, False), (True, False), (False, True)],
+                         ids=['whole_buckets', 'row_tiles', 'split_blocks'])
+def test_dropout_is_seeded_and_its_backward_matches_its_forward(tiled, split, request, monkeypatch):
     if tiled:  # 24 rows in two tiles of 16, the second reaching past the bucket
         request.getfixturevalue('row_tiles_of_16')
+    if split:  # every key block read twice or more split over dK/dV programs
+        monkeypatch.setattr(block_attention_kernels, 'READERS_PER_PROGRAM', 1)
     sizes = dict(bs=24, kbs=24) if tiled else {}
     (q, k, v, idx, w), kw = block_case(causal=True, null=True, rotated=2, masks=True, **sizes)
     leaves = [t.detach().float() for t in [q, k, v, w, *kw['null_kv']]]

@@ -162,8 +162,11 @@ def _bwd_dq(Q, K, V, O, DO, DQ, DW, DNULL, LSE, DELTA, IDX, W, NK, NV, QM, KM,
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     tl.store(DELTA + bh * Nq * BS + u * BS + rows, delta, mask=rows < BS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dnull_k = tl.zeros([BLOCK_D], tl.float32)
-    dnull_v = tl.zeros([BLOCK_D], tl.float32)
+    # the null block repeats one key and one value, so their gradients are the column sums of its dK and dV,
+    # (w scale ds)^T q and (w dropout(p))^T dO: per row, w times the row sums of ds and dropout(p), which add up
+    # over the null routes, then one product with q and dO
+    null_k_rows = tl.zeros([BLOCK_M], tl.float32)
+    null_v_rows = tl.zeros([BLOCK_M], tl.float32)
     route = (bh * Nq + u) * R
     for j in range(R):
         blk = tl.load(IDX + route + j)
@@ -179,11 +182,9 @@ def _bwd_dq(Q, K, V, O, DO, DQ, DW, DNULL, LSE, DELTA, IDX, W, NK, NV, QM, KM,
         ds = p * (_kept(dp_raw * w, seed, route + j, rows, cols, p_drop, BLOCK_N, DROPOUT) - delta[:, None])
         dq += tl.dot((ds * w).to(k.dtype), k, input_precision=PRECISION)
         if HAS_NULL:
-            if blk == Nk:
-                # the null block repeats one key and one value: their gradients are the sums of the block's dK and
-                # dV rows, (w scale ds)^T q and (w dropout(p))^T dO, summed over the block's columns
-                dnull_k += tl.sum(tl.sum(ds, axis=1)[:, None] * q.to(tl.float32), axis=0) * (w * scale)
-                dnull_v += tl.sum(tl.sum(p_kept, axis=1)[:, None] * do.to(tl.float32), axis=0) * w
+            null_w = tl.where(blk == Nk, w, 0.0)
+            null_k_rows += tl.sum(ds, axis=1) * null_w
+            null_v_rows += tl.sum(p_kept, axis=1) * null_w
         # s = w * s_raw and the values are w * v: d/dw = <ds, s_raw> + <dropout(p), dO v>; one partial sum per
         # row tile, added up after the kernel (no atomics)
         tl.store(DW + (route + j) * ROW_TILES + tl.program_id(0) % ROW_TILES,
@@ -193,8 +194,9 @@ def _bwd_dq(Q, K, V, O, DO, DQ, DW, DNULL, LSE, DELTA, IDX, W, NK, NV, QM, KM,
     if HAS_NULL:
         # DNULL [2, B x H, programs along axis 0, D]: this program's shares, summed after the kernel
         share = (bh * tl.num_programs(0) + tl.program_id(0)) * D + dims
-        tl.store(DNULL + share, dnull_k, mask=dims < D)
-        tl.store(DNULL + tl.num_programs(1) * tl.num_programs(0) * D + share, dnull_v, mask=dims < D)
+        tl.store(DNULL + share, tl.sum(null_k_rows[:, None] * q.to(tl.float32), axis=0) * scale, mask=dims < D)
+        tl.store(DNULL + tl.num_programs(1) * tl.num_programs(0) * D + share,
+                 tl.sum(null_v_rows[:, None] * do.to(tl.float32), axis=0), mask=dims < D)
 
 
 @triton.jit
