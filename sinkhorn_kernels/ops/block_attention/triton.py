@@ -263,8 +263,9 @@ def _bwd_dkv(Q, K, V, DO, DK, DV, PARTS, LSE, DELTA, IDX, W, NK, NV, QM, KM, REA
 
 @triton.jit
 def _part_tile(PARTS, bh, slot, n_slots, cols, dims, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pointers to the dK partial sum in slot `slot` of PARTS [B x H, n_slots, 2 (dK, dV), BLOCK_N, BLOCK_D]."""
-    return PARTS + ((bh * n_slots + slot) * 2 * BLOCK_N + cols)[:, None] * BLOCK_D + dims[None, :]
+    """Pointers to the dK partial sum in slot `slot` of PARTS [B x H, n_slots, 2 (dK, dV), BLOCK_N, BLOCK_D]
+    (offsets in int64: the buffer passes 2^31 elements at about 85 heads of a million tokens, dim_head 64)."""
+    return PARTS + ((bh.to(tl.int64) * n_slots + slot) * 2 * BLOCK_N + cols)[:, None] * BLOCK_D + dims[None, :]
 
 
 @triton.jit
