@@ -31,6 +31,15 @@ def _logits(S, g, row, n_rows, n_cols, n_null, inv_temperature, CAUSAL: tl.const
 
 
 @triton.jit
+def _readers(row, n_rows, Nq):
+    """The query buckets first..last - 1 that take row `row`'s routes: all of them for SortCut's single row."""
+    first, last = row, row + 1
+    if n_rows == 1:
+        first, last = 0, Nq
+    return first, last
+
+
+@triton.jit
 def _round(cols, logits):
     """One routing round: (the pick, its weight, the probabilities, the logits without the pick)."""
     e = tl.exp(logits - tl.max(logits, axis=0))
@@ -44,10 +53,7 @@ def _routes_fwd(S, IDX, W, n_rows, n_cols, Nq, Nk, R, K, n_null, inv_temperature
                 OWN_BUCKET: tl.constexpr, BLOCK: tl.constexpr):
     row, g = tl.program_id(0), tl.program_id(1)
     cols, logits = _logits(S, g, row, n_rows, n_cols, n_null, inv_temperature, CAUSAL, BLOCK)
-    # the query buckets that take this row's routes: all of them for SortCut's single row
-    first, last = row, row + 1
-    if n_rows == 1:
-        first, last = 0, Nq
+    first, last = _readers(row, n_rows, Nq)
     for j in range(K):
         pick, w, _, logits = _round(cols, logits)
         blk = pick - n_null
@@ -67,9 +73,7 @@ def _routes_bwd(S, DW, DS, n_rows, n_cols, Nq, R, K, n_null, inv_temperature, ou
                 BLOCK: tl.constexpr):
     row, g = tl.program_id(0), tl.program_id(1)
     cols, logits = _logits(S, g, row, n_rows, n_cols, n_null, inv_temperature, CAUSAL, BLOCK)
-    first, last = row, row + 1
-    if n_rows == 1:
-        first, last = 0, Nq
+    first, last = _readers(row, n_rows, Nq)
     d = tl.zeros([BLOCK], tl.float32)
     for j in range(K):
         pick, w, p, logits = _round(cols, logits)
