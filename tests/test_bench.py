@@ -48,24 +48,24 @@ def test_a_compiled_case_runs_through_torch_compile():
     assert counters['stats']['unique_graphs'] >= 1
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason='counts through the Triton interpreter')
-def test_launch_census_counts_a_layer_step():
+def benchmark_script(name, *args):
+    """The output of benchmarks/`name` run with `args` in its own process."""
     import subprocess
     import sys
-    script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'launch_census.py')
-    out = subprocess.run([sys.executable, script, '--seq-len', '256', '--causal'], capture_output=True, text=True,
-                         check=True).stdout
+    script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', name)
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='counts through the Triton interpreter')
+def test_launch_census_counts_a_layer_step():
+    out = benchmark_script('launch_census.py', '--seq-len', '256', '--causal')
     # routing and attention, forward and back, the reverse index, and the dK/dV kernel's plan and partial sums
     assert 'ATen ops and 8 Triton launches' in out
     assert 'mm ' in out.splitlines()[1] and '_reverse_index 1' in out.splitlines()[2]
 
 
 def test_key_block_readers_tabulates_the_longest_dkv_program():
-    import subprocess
-    import sys
-    script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'key_block_readers.py')
-    rows = subprocess.run([sys.executable, script, '--seq-lens', '2048'], capture_output=True, text=True,
-                          check=True).stdout.splitlines()[2:]
+    rows = benchmark_script('key_block_readers.py', '--seq-lens', '2048').splitlines()[2:]
     assert [row.split(' | ')[:2] for row in rows] == [['| 2048', 'False'], ['| 2048', 'True']]
     from sinkhorn_kernels.ops.block_attention.triton import READERS_PER_PROGRAM
     for row in rows:  # mean / max readers, then the longest program unsplit (the max) and split

@@ -11,7 +11,7 @@ from sinkhorn_kernels import available_backends, ops
 from sinkhorn_kernels.ops import outputs
 from inputs import GRID, separated_qk
 from rules import assert_within_rule
-from test_triton import check, plain_sinkhorn
+from test_triton import check, every_busy_block_split, plain_sinkhorn  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gpu
 
@@ -48,12 +48,10 @@ def test_backend_against_fp32_reference(backend, dtype, cfg, extra):
 @pytest.mark.parametrize('cfg', GRID[:2], ids=['noncausal', 'causal'])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize('extra', [{}, {'n_sortcut': 2}], ids=['plain', 'sortcut'])
-def test_triton_with_every_busy_block_split(dtype, cfg, extra, monkeypatch):
+@pytest.mark.usefixtures('every_busy_block_split')
+def test_triton_with_every_busy_block_split(dtype, cfg, extra):
     if cfg['causal'] and extra:
         pytest.skip('SortCut is non-causal only')
-    # one reader per dK/dV program: every key block read twice or more is split and its partial sums added
-    from sinkhorn_kernels.ops.block_attention import triton as kernels
-    monkeypatch.setattr(kernels, 'READERS_PER_PROGRAM', 1)
     compare_with_reference('triton', dtype, cfg, dict(extra))
 
 

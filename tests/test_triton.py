@@ -64,6 +64,12 @@ def test_sinkhorn_normalize(shape, n_iters, dtype):
 
 
 @pytest.fixture
+def every_busy_block_split(monkeypatch):
+    """One reader per dK/dV program: every key block read twice or more is split, its partial sums added after."""
+    monkeypatch.setattr(block_attention_kernels, 'READERS_PER_PROGRAM', 1)
+
+
+@pytest.fixture
 def row_tiles_of_16(monkeypatch):
     """Query buckets split over programs of 16 rows, as buckets of 128 x 128 are on a GPU."""
     monkeypatch.setattr(block_attention_kernels, '_row_tile', lambda bs, d, elem: 16)
@@ -312,11 +318,11 @@ def test_compile_fullgraph_without_graph_breaks(backend):
 
 @pytest.mark.parametrize('tiled,split', [(False, False), (True, False), (False, True)],
                          ids=['whole_buckets', 'row_tiles', 'split_blocks'])
-def test_dropout_is_seeded_and_its_backward_matches_its_forward(tiled, split, request, monkeypatch):
+def test_dropout_is_seeded_and_its_backward_matches_its_forward(tiled, split, request):
     if tiled:  # 24 rows in two tiles of 16, the second reaching past the bucket
         request.getfixturevalue('row_tiles_of_16')
-    if split:  # every key block read twice or more split over dK/dV programs
-        monkeypatch.setattr(block_attention_kernels, 'READERS_PER_PROGRAM', 1)
+    if split:
+        request.getfixturevalue('every_busy_block_split')
     sizes = dict(bs=24, kbs=24) if tiled else {}
     (q, k, v, idx, w), kw = block_case(causal=True, null=True, rotated=2, masks=True, **sizes)
     leaves = [t.detach().float() for t in [q, k, v, w, *kw['null_kv']]]
