@@ -6,7 +6,7 @@ from torch import nn
 
 from . import ops
 from ._checks import check_bucket_multiple, check_mask, require
-from .ops.backends import resolve_backend
+from .ops.backends import FUSED_DTYPES, resolve_backend
 from .ops.sinkhorn_attention import causal_first_means
 
 
@@ -81,12 +81,14 @@ class SinkhornSelfAttention(nn.Module):
             self.null_values = nn.Parameter(torch.randn(sink_heads, 1, self.dim_head))
 
     def _runs_fused(self, x):
-        """Whether the layer runs as one op, `ops.sinkhorn_self_attention`, which saves memory on the reference
-        backend: self-attention with the attention sort net and top-k routing, in float32 or float64. Not under
-        torch.compile, which traces the composed ops instead (the fused op manages its own buffers in eager code)."""
+        """Whether the layer runs as one op, `ops.sinkhorn_self_attention`, which saves memory: self-attention with
+        the attention sort net and top-k routing, on the reference backend in float32 or float64, on a fused
+        backend in the dtypes its kernels take. Not under torch.compile, which traces the composed ops instead (the
+        op manages its own buffers in eager code)."""
+        backend = resolve_backend(None, x.device)
+        dtypes = (torch.float32, torch.float64) if backend == 'reference' else FUSED_DTYPES
         return (not self.context_only and self.sort_net is None and (self.non_permutative or self.causal)
-                and x.dtype in (torch.float32, torch.float64) and resolve_backend(None, x.device) == 'reference'
-                and not torch.compiler.is_compiling())
+                and x.dtype in dtypes and not torch.compiler.is_compiling())
 
     def forward(self, x, input_mask=None, context=None, context_mask=None):
         b, t, d = x.shape

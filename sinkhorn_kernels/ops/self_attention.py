@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 from .._checks import check_bucket_multiple, require
-from .backends import resolve_backend
+from .backends import FUSED_DTYPES, resolve_backend
 from .block_attention import cpu as cpu_kernel
 from .block_attention import dropout_seed, local_routes, with_own_bucket
 from .block_attention import reference as blocks
@@ -130,11 +130,11 @@ class _Scratch:
         self.queries, self.dk, self.dv, self.work = carve(self.flat, [(queries,), head, head, (n_work,)])
 
 
-def _packed_weights(cfg, w_q, w_kv):
+def packed_weights(cfg, w_q, w_kv, groups):
     """Each group's q, k and v projection weights, stacked (rebuilt in backward rather than kept)."""
     inner = _inner(cfg)
-    return [torch.cat((w_q[_cols(cfg, g)], w_kv[:inner][_cols(cfg, g)], w_kv[inner:][_cols(cfg, g)]))
-            for g in cfg.groups]
+    return [torch.cat((w_q[head_columns(cfg, g)], w_kv[:inner][head_columns(cfg, g)],
+                       w_kv[inner:][head_columns(cfg, g)])) for g in groups]
 
 
 def _project(x, w_q, w_kv, cfg):
@@ -143,7 +143,7 @@ def _project(x, w_q, w_kv, cfg):
     B, T, _ = x.shape
     qkv = carve(on_huge_pages(x.new_empty(3 * B * T * _inner(cfg))),
                 [(B, T, 3, g.h1 - g.h0, cfg.dim_head) for g in cfg.groups])
-    for g, w, buf in zip(cfg.groups, _packed_weights(cfg, w_q, w_kv), qkv):
+    for g, w, buf in zip(cfg.groups, packed_weights(cfg, w_q, w_kv, cfg.groups), qkv):
         for f, t in g.rows(buf, x):
             torch.mm(t, w.t(), out=f)
     units = [_Unit(g, h, buf, cfg.n_local) for g, buf in zip(cfg.groups, qkv) for h in range(g.h0, g.h1)]
@@ -185,7 +185,7 @@ def _inner(cfg):
     return cfg.heads * cfg.dim_head
 
 
-def _cols(cfg, g):
+def head_columns(cfg, g):
     """The group's columns of the concatenated heads."""
     return slice(g.h0 * cfg.dim_head, g.h1 * cfg.dim_head)
 
@@ -251,14 +251,7 @@ class SelfAttentionFunction(torch.autograd.Function):
         work = y.view(-1) if y.numel() >= n_work else x.new_empty(n_work)
         qkv, units, routes = _attend(x, w_q, w_kv, null_k, null_v, cfg, seed, work)
         del work
-        for i, (g, out) in enumerate(zip(cfg.groups, _outputs(qkv))):
-            w_g = w_out[:, _cols(cfg, g)].t()
-            if i == 0:  # the first group has no shift: one pair of row blocks covers every row
-                (f, t), = g.rows(out, y)
-                torch.addmm(b_out, f, w_g, out=t)
-            else:
-                for f, t in g.rows(out, y):
-                    t.addmm_(f, w_g)
+        project_out(cfg, cfg.groups, _outputs(qkv), w_out, b_out, y)
         ctx.save_for_backward(x, w_q, w_kv, w_out, null_k, null_v)
         ctx.cfg, ctx.seed, ctx.buffers = cfg, seed, (qkv, units, routes)
         return y
@@ -282,6 +275,18 @@ class SelfAttentionFunction(torch.autograd.Function):
         del routes
         dx, d_q, d_kv = _input_backward(cfg, qkv, x, w_q, w_kv)
         return dx, d_q, d_kv, d_w_out, d_b, *d_null, None
+
+
+def project_out(cfg, groups, outs, w_out, b_out, y):
+    """Writes y, the output projection of every group's attention output ([B, T, Hg, D] in its frame)."""
+    for i, (g, out) in enumerate(zip(groups, outs)):
+        w_g = w_out[:, head_columns(cfg, g)].t()
+        if i == 0:  # the first group has no shift: one pair of row blocks covers every row
+            (f, t), = g.rows(out, y)
+            torch.addmm(b_out, f, w_g, out=t)
+        else:
+            for f, t in g.rows(out, y):
+                t.addmm_(f, w_g)
 
 
 def _attention_backward(cfg, x, w_q, units, routes, null_k, null_v, seed, scratch):
@@ -320,14 +325,15 @@ def _input_backward(cfg, qkv, x, w_q, w_kv):
     dx = on_huge_pages(x.new_empty(x.shape))
     d_q, d_kv = torch.zeros_like(w_q), torch.zeros_like(w_kv)
     inner = _inner(cfg)
-    for i, (g, buf, w) in enumerate(zip(cfg.groups, qkv, _packed_weights(cfg, w_q, w_kv))):
+    for i, (g, buf, w) in enumerate(zip(cfg.groups, qkv, packed_weights(cfg, w_q, w_kv, cfg.groups))):
         d_packed = torch.zeros_like(w)
         for f, t in g.rows(buf, x):
             d_packed.addmm_(f.t(), t)
         for f, t in g.rows(buf, dx):
             t.addmm_(f, w, beta=0 if i == 0 else 1)  # the first group's single pair covers every row of dx
         dq_g, dk_g, dv_g = d_packed.chunk(3)
-        d_q[_cols(cfg, g)], d_kv[:inner][_cols(cfg, g)], d_kv[inner:][_cols(cfg, g)] = dq_g, dk_g, dv_g
+        cols = head_columns(cfg, g)
+        d_q[cols], d_kv[:inner][cols], d_kv[inner:][cols] = dq_g, dk_g, dv_g
     return dx, d_q, d_kv
 
 
@@ -336,7 +342,7 @@ def _output_backward(cfg, qkv, dy, w_out, scratch):
     gradient."""
     d_w_out = torch.zeros_like(w_out)
     for g, out in zip(cfg.groups, _outputs(qkv)):
-        cols = _cols(cfg, g)
+        cols = head_columns(cfg, g)
         for f, t in g.rows(out, dy):
             for r in range(0, f.shape[0], DY_ROWS):
                 f_r, t_r = f[r:r + DY_ROWS], t[r:r + DY_ROWS]
@@ -435,15 +441,19 @@ def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, hea
     out_weight [dim, heads * dim_head], out_bias [dim]; returns [B, T, dim]. The first `n_local_heads` heads attend
     within sliding windows of `bucket_size`; the others run `sinkhorn_attention` (causal: `null_kv` = (null_k,
     null_v), each [heads - n_local_heads, 1, dim_head]). `input_mask`: bool [B, T], True = real token.
-    Only the reference backend implements it (its point is the memory it saves in PyTorch); the fused kernels
-    serve the same layer through `sinkhorn_attention`.
+    Its point is the memory it saves: on the reference backend (float32 or float64) it keeps q, k, v from forward
+    to backward and nothing else; on the fused backends (float16, bfloat16, float32; see `self_attention_fused`)
+    only the attention output.
     """
     require(x.dim() == 3, f'x must be [batch, seq, dim], got {tuple(x.shape)}')
     name = resolve_backend(backend, x.device)
-    require(name == 'reference', f'sinkhorn_self_attention runs on the reference backend only, got {name!r}; use '
-                                 'sinkhorn_attention for the fused kernels')
-    require(x.dtype in (torch.float32, torch.float64),
-            f'sinkhorn_self_attention takes float32 or float64, got {x.dtype}; use sinkhorn_attention')
+    if name == 'reference':
+        require(x.dtype in (torch.float32, torch.float64),
+                f'sinkhorn_self_attention on the reference backend takes float32 or float64, got {x.dtype}; use a '
+                'fused backend, or sinkhorn_attention')
+    else:
+        require(x.dtype in FUSED_DTYPES, f'sinkhorn_self_attention on the {name} backend takes float16, bfloat16 or '
+                                         f'float32, got {x.dtype}; use backend=\'reference\'')
     B, T, _ = x.shape
     dim_head = dim_head or q_weight.shape[0] // heads
     kv_bucket_size = kv_bucket_size or bucket_size
@@ -467,8 +477,13 @@ def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, hea
                   mask=input_mask, dropout_p=dropout_p, scale=dim_head ** -0.5, dtype=x.dtype,
                   local_idx=with_own_bucket(local_idx, torch.ones_like(local_idx, dtype=x.dtype))[0])
     # routes of a Sinkhorn head, its own bucket included: the layouts and the workspace are sized by it
+    null_k, null_v = null_kv if null_kv is not None and n_local_heads < heads else (None, None)
+    if name != 'reference':
+        from . import self_attention_fused as fused_layer
+        cfg.backend = name
+        cfg.chunks = fused_layer.chunks(cfg.groups, fused_layer.chunk_heads(x.shape[-1], dim_head))
+        return fused_layer.FusedSelfAttention.apply(x, q_weight, kv_weight, out_weight, out_bias, null_k, null_v, cfg)
     cfg.n_routes = routes_per_query_bucket(causal, cfg.n_top, n_sortcut, Nk) + cfg.own_bucket
     cfg.cpu_kernel = cpu_kernel.applies(x, bucket_size, dim_head, dropout_p)
     cfg.chunk_heads = backward_chunk_heads(x, dim_head, cfg.groups)
-    null_k, null_v = null_kv if null_kv is not None and n_local_heads < heads else (None, None)
     return SelfAttentionFunction.apply(x, q_weight, kv_weight, out_weight, out_bias, null_k, null_v, cfg)

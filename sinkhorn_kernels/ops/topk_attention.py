@@ -7,7 +7,8 @@ bf16), besides some thirty small kernels for the routing (`benchmarks/launch_cen
 forward routes and runs the block attention kernel; backward runs its backward kernels, takes the route weights'
 gradient back to the summaries by hand (`summary_routes_backward`), and adds the summaries' vector-Jacobian
 product into dq and dk in place (`add_sort_summaries_vjp`). The kernels are the `torch.library` ops of
-`block_attention.fused` and `routing.fused`, so torch.compile traces this Function around them.
+`block_attention.fused` and `routing.fused`, so torch.compile traces this Function around them. The fused layer
+op (`self_attention_fused`) runs the same two steps, `route_and_attend` and `attend_backward`, on chunks of heads.
 """
 import torch
 
@@ -15,31 +16,55 @@ from .block_attention import check_dropout, dropout_seed, fused, fused_operands,
 from .sinkhorn_attention import add_sort_summaries_vjp, sort_summaries, summary_routes, summary_routes_backward
 
 
+def route_and_attend(q, k, v, null_k, null_v, q_mask, kv_mask, seed, opts):
+    """-> (out, lse, routes): routes = (idx, w, sq, sk, scores), what `attend_backward` needs besides q, k, v."""
+    sq, sk = sort_summaries(q, k, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'])
+    scores, idx, w = summary_routes(sq, sk, **opts['routing'], n_query_buckets=opts['n_query_buckets'],
+                                    backend=opts['backend'])
+    idx, w = fused_routes(idx, w)
+    out, lse = fused.block_attention_fwd(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *opts['kernel'], seed,
+                                         opts['backend'])
+    return out, lse, (idx, w, sq, sk, scores)
+
+
+def attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, q_mask, kv_mask, seed, opts):
+    """-> (dq, dk, dv, d_null_k, d_null_v), the routes' gradient included in dq and dk."""
+    idx, w, sq, sk, scores = routes
+    dq, dk, dv, dw, dnull = fused.block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
+                                                      kv_mask, *opts['kernel'], seed, opts['backend'])
+    d_sq, d_sk = summary_routes_backward(scores, sq, sk, dw, **opts['routing'], backend=opts['backend'])
+    add_sort_summaries_vjp(d_sq, d_sk, dq, dk, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'])
+    return dq, dk, dv, *fused.null_grads(dnull, null_k, null_v)
+
+
 class TopkAttention(torch.autograd.Function):
     """q, k, v [B, H, T, D] (any strides), null_k / null_v [H, D] or None, masks [B, H, T] or None, seed: the
-    dropout seed tensor; `opts` holds the plain settings (see `topk_attention`)."""
+    dropout seed tensor; `opts` holds the plain settings (see `topk_options`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, null_k, null_v, q_mask, kv_mask, seed, opts):
-        sq, sk = sort_summaries(q, k, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'])
-        scores, idx, w = summary_routes(sq, sk, **opts['routing'], n_query_buckets=opts['n_query_buckets'],
-                                        backend=opts['backend'])
-        idx, w = fused_routes(idx, w)
-        out, lse = fused.block_attention_fwd(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *opts['kernel'], seed,
-                                             opts['backend'])
-        ctx.save_for_backward(q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, seed, sq, sk, scores)
+        out, lse, routes = route_and_attend(q, k, v, null_k, null_v, q_mask, kv_mask, seed, opts)
+        ctx.save_for_backward(q, k, v, out, lse, null_k, null_v, q_mask, kv_mask, seed, *routes)
         ctx.opts = opts
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, seed, sq, sk, scores = ctx.saved_tensors
-        opts = ctx.opts
-        dq, dk, dv, dw, dnull = fused.block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
-                                                          kv_mask, *opts['kernel'], seed, opts['backend'])
-        d_sq, d_sk = summary_routes_backward(scores, sq, sk, dw, **opts['routing'], backend=opts['backend'])
-        add_sort_summaries_vjp(d_sq, d_sk, dq, dk, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'])
-        return dq, dk, dv, *fused.null_grads(dnull, null_k, null_v), None, None, None, None
+        q, k, v, out, lse, null_k, null_v, q_mask, kv_mask, seed, *routes = ctx.saved_tensors
+        grads = attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, q_mask, kv_mask, seed, ctx.opts)
+        return *grads, None, None, None, None
+
+
+def topk_options(backend, *, bucket_size, kv_bucket_size, causal, n_top_buckets, n_sortcut, temperature, own_bucket,
+                 n_query_buckets, n_rotated_heads, scale, dropout_p):
+    """The plain settings `route_and_attend` and `attend_backward` take."""
+    return dict(
+        summaries=dict(bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, causal=causal, n_sortcut=n_sortcut),
+        routing=dict(causal=causal, n_top_buckets=n_top_buckets, n_sortcut=n_sortcut, temperature=temperature,
+                     own_bucket=own_bucket),
+        n_query_buckets=n_query_buckets,
+        kernel=(bucket_size, kv_bucket_size, causal, n_rotated_heads, scale, dropout_p),
+        backend=backend)
 
 
 def topk_attention(backend, q, k, v, null_kv, q_mask, kv_mask, *, bucket_size, kv_bucket_size, causal,
@@ -49,11 +74,8 @@ def topk_attention(backend, q, k, v, null_kv, q_mask, kv_mask, *, bucket_size, k
     check_dropout(dropout_p)
     null_k, null_v, q_mask, kv_mask = fused_operands(backend, q, k, v, null_kv, q_mask, kv_mask, bucket_size,
                                                      kv_bucket_size)
-    opts = dict(
-        summaries=dict(bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, causal=causal, n_sortcut=n_sortcut),
-        routing=dict(causal=causal, n_top_buckets=n_top_buckets, n_sortcut=n_sortcut, temperature=temperature,
-                     own_bucket=own_bucket),
-        n_query_buckets=q.shape[2] // bucket_size,
-        kernel=(bucket_size, kv_bucket_size, causal, n_rotated_heads, q.shape[-1] ** -0.5, dropout_p),
-        backend=backend)
+    opts = topk_options(backend, bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, causal=causal,
+                        n_top_buckets=n_top_buckets, n_sortcut=n_sortcut, temperature=temperature,
+                        own_bucket=own_bucket, n_query_buckets=q.shape[2] // bucket_size,
+                        n_rotated_heads=n_rotated_heads, scale=q.shape[-1] ** -0.5, dropout_p=dropout_p)
     return TopkAttention.apply(q, k, v, null_k, null_v, q_mask, kv_mask, dropout_seed(dropout_p, q.device), opts)
