@@ -4,6 +4,7 @@ import torch
 
 import sinkhorn_kernels as sk
 from sinkhorn_kernels import ops
+from sinkhorn_kernels.ops.sinkhorn_attention import attention_sort_scores, topk_routes
 from conftest import reference_pair
 
 LM = dict(num_tokens=40, dim=32, max_seq_len=128, depth=2, heads=4, bucket_size=16)
@@ -92,6 +93,20 @@ def test_4_padding_never_changes_real_outputs(kw, side):
     other = x.clone()
     other[0, pad] = torch.randint(1, 40, other[0, pad].shape)
     torch.testing.assert_close(model(other, input_mask=mask)[mask], model(x, input_mask=mask)[mask])
+
+
+def test_4_causal_routes_never_go_to_a_bucket_of_padding():
+    """A key bucket without a real token summarizes to zero and would tie with the null buckets (score 0), which
+    the backends break differently (torch.topk here, the lowest index in the Triton kernel): it scores -inf."""
+    B, H, T, D, bs = 2, 2, 64, 8, 8
+    q, k = torch.randn(B, H, T, D), torch.randn(B, H, T, D)
+    mask = torch.ones(B, H, T, dtype=torch.bool)
+    mask[..., :2 * bs + 3] = False  # two whole buckets of left padding, and part of the third
+    scores = attention_sort_scores(q, k, bucket_size=bs, kv_bucket_size=bs, causal=True, n_null=2, q_mask=mask,
+                                   kv_mask=mask)
+    idx, _ = topk_routes(scores, causal=True, n_top_buckets=2, n_sortcut=0, temperature=0.75, n_null=2)
+    assert not ((idx == 0) | (idx == 1)).any()
+    assert (idx == 2).any()  # the partly padded bucket stays a candidate
 
 
 def test_5_decoder_mask_is_not_applied_to_the_context():

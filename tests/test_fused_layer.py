@@ -218,8 +218,8 @@ TRITON_CONFIGS = [dict(), dict(causal=True), dict(causal=True, n_top_buckets=3),
 @needs_triton
 @pytest.mark.parametrize('cfg', TRITON_CONFIGS, ids=str)
 def test_fused_layer_on_triton_equals_composed_ops(cfg, monkeypatch):
-    """Chunks of heads, rotation by rows and recomputed q, k, v give the composed ops' results on the same kernels
-    (fp32; the fp64 reference differs from both only where top-k meets ties: see the fp16 test)."""
+    """Chunks of heads, rotation by rows and recomputed q, k, v and outputs give the composed ops' results on the
+    same kernels (fp32)."""
     layer = SinkhornSelfAttention(16, 4, 16, heads=2, dim_head=8, **cfg)
     x = torch.randn(2, 16, 16, requires_grad=True)
     mask = padded(2, T=16)
@@ -230,11 +230,10 @@ def test_fused_layer_on_triton_equals_composed_ops(cfg, monkeypatch):
 @needs_triton
 @pytest.mark.parametrize('cfg', [dict(), dict(causal=True, n_local_attn_heads=1)], ids=str)
 def test_fused_layer_on_triton_in_fp16_keeps_to_the_rule(cfg, monkeypatch):
-    """fp16 against the fp64 reference: at most twice the composed ops' error on the same kernels (padding that
-    leaves no bucket empty, so that no route is a tie)."""
+    """fp16 against the fp64 reference: at most twice the composed ops' error on the same kernels."""
     layer = SinkhornSelfAttention(16, 4, 16, heads=2, dim_head=8, **cfg)
     x = torch.randn(2, 16, 16)
-    mask = padded(2, T=16, left=3)
+    mask = padded(2, T=16)
     exact = forward_backward(layer.double(), x.double().requires_grad_(), mask, False, monkeypatch)
     layer.half()
     fused = on_triton(layer, x.half().requires_grad_(), mask, True, monkeypatch)
@@ -252,9 +251,9 @@ def test_fused_layer_on_triton_chunks_of_heads_do_not_change_results(cfg, heads_
     layer = SinkhornSelfAttention(12, 4, 16, heads=3, dim_head=4, **cfg)
     x = torch.randn(2, 16, 12, requires_grad=True)
     mask = padded(2, T=16)
-    monkeypatch.setattr(self_attention_fused, 'chunk_heads', lambda dim, dim_head: 8)
+    monkeypatch.setattr(self_attention_fused, 'chunk_heads', lambda x, dim_head: 8)
     whole = on_triton(layer, x, mask, True, monkeypatch)
-    monkeypatch.setattr(self_attention_fused, 'chunk_heads', lambda dim, dim_head: heads_per_chunk)
+    monkeypatch.setattr(self_attention_fused, 'chunk_heads', lambda x, dim_head: heads_per_chunk)
     for a, b in zip(on_triton(layer, x, mask, True, monkeypatch), whole):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
 
@@ -281,21 +280,23 @@ def saved_bytes(layer, x, backend):
 
 @needs_triton
 @pytest.mark.parametrize('causal', [False, True])
-def test_fused_layer_on_triton_keeps_only_the_attention_output(causal, monkeypatch):
+def test_fused_layer_on_triton_keeps_only_the_routes(causal, monkeypatch):
     B, T, dim, H, D = 1, 256, 64, 4, 16
     layer = SinkhornSelfAttention(dim, 16, T, heads=H, dim_head=D, causal=causal)
     x = torch.randn(B, T, dim, requires_grad=True)
     output = B * T * H * D * x.element_size()
-    # the attention output, and per head its log-sum-exp (fp32 per token) and routes (a few per bucket)
-    assert saved_bytes(layer, x, 'triton') <= output + B * H * T * 4 + 4096 * H
+    # the routes and what their backward reads: a few numbers per bucket, the bucket summaries, the scores
+    assert saved_bytes(layer, x, 'triton') <= output / 2
     monkeypatch.setattr(SinkhornSelfAttention, '_runs_fused', lambda self, x: False)
     assert saved_bytes(layer, x, 'triton') >= 4 * output  # the composed ops keep q, k, v and the output
 
 
 @needs_triton
-def test_fused_layer_on_triton_gives_each_chunk_its_own_dropout_masks():
+def test_fused_layer_on_triton_gives_each_chunk_its_own_dropout_masks(monkeypatch):
     """Heads with the same weights give the same outputs, until dropout: then each chunk (numbering its heads from
     0) must draw its own masks."""
+    from sinkhorn_kernels.ops import self_attention_fused
+    monkeypatch.setattr(self_attention_fused, 'chunk_heads', lambda x, dim_head: 1)
     H, D = 3, 4
     layer = SinkhornSelfAttention(H * D, 4, 32, heads=H, dim_head=D, attn_dropout=0.5).train()
     with torch.no_grad():

@@ -36,7 +36,8 @@ from .block_attention import dropout_seed, local_routes, with_own_bucket
 from .block_attention import reference as blocks
 from .cpu_extension import on_huge_pages
 from .outputs import carve
-from .sinkhorn_attention import (SORT_NET_TEMPERATURE, add_sort_summaries_vjp, routes_per_query_bucket, sort_summaries,
+from .sinkhorn_attention import (SORT_NET_TEMPERATURE, add_sort_summaries_vjp, empty_key_buckets,
+                                 routes_per_query_bucket, sort_summaries,
                                  summary_routes, summary_routes_backward)
 
 
@@ -251,7 +252,8 @@ class SelfAttentionFunction(torch.autograd.Function):
         work = y.view(-1) if y.numel() >= n_work else x.new_empty(n_work)
         qkv, units, routes = _attend(x, w_q, w_kv, null_k, null_v, cfg, seed, work)
         del work
-        project_out(cfg, cfg.groups, _outputs(qkv), w_out, b_out, y)
+        for i, (g, out) in enumerate(zip(cfg.groups, _outputs(qkv))):
+            project_out(cfg, g, out, w_out, b_out, y, first=i == 0)
         ctx.save_for_backward(x, w_q, w_kv, w_out, null_k, null_v)
         ctx.cfg, ctx.seed, ctx.buffers = cfg, seed, (qkv, units, routes)
         return y
@@ -277,16 +279,16 @@ class SelfAttentionFunction(torch.autograd.Function):
         return dx, d_q, d_kv, d_w_out, d_b, *d_null, None
 
 
-def project_out(cfg, groups, outs, w_out, b_out, y):
-    """Writes y, the output projection of every group's attention output ([B, T, Hg, D] in its frame)."""
-    for i, (g, out) in enumerate(zip(groups, outs)):
-        w_g = w_out[:, head_columns(cfg, g)].t()
-        if i == 0:  # the first group has no shift: one pair of row blocks covers every row
-            (f, t), = g.rows(out, y)
-            torch.addmm(b_out, f, w_g, out=t)
-        else:
-            for f, t in g.rows(out, y):
-                t.addmm_(f, w_g)
+def project_out(cfg, g, out, w_out, b_out, y, first):
+    """Adds to y the output projection of group g's attention output ([B, T, Hg, D] in its frame); the first
+    group writes y, with the bias."""
+    w_g = w_out[:, head_columns(cfg, g)].t()
+    if first:  # the first group has no shift: one pair of row blocks covers every row
+        (f, t), = g.rows(out, y)
+        torch.addmm(b_out, f, w_g, out=t)
+    else:
+        for f, t in g.rows(out, y):
+            t.addmm_(f, w_g)
 
 
 def _attention_backward(cfg, x, w_q, units, routes, null_k, null_v, seed, scratch):
@@ -407,7 +409,10 @@ class _Routes:
     def __init__(self, cfg, units):
         self.cfg, self.units = cfg, units
         self.sq, self.sk = (torch.cat(s, dim=1) for s in zip(*(self.summaries(u) for u in units)))
-        self.scores, idx, w = summary_routes(self.sq, self.sk, **self.routing(), n_query_buckets=cfg.Nq)
+        empty = None if cfg.mask is None else torch.cat(
+            [empty_key_buckets(u.group.mask(cfg.mask), cfg.kv_bucket_size) for u in units], dim=1)
+        self.scores, idx, w = summary_routes(self.sq, self.sk, **self.routing(), n_query_buckets=cfg.Nq,
+                                             empty=empty)
         self.indices, self.weights = idx.contiguous(), w.contiguous()
 
     def routing(self):
@@ -481,7 +486,7 @@ def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, hea
     if name != 'reference':
         from . import self_attention_fused as fused_layer
         cfg.backend = name
-        cfg.chunks = fused_layer.chunks(cfg.groups, fused_layer.chunk_heads(x.shape[-1], dim_head))
+        cfg.chunks = fused_layer.chunks(cfg.groups, fused_layer.chunk_heads(x, dim_head))
         return fused_layer.FusedSelfAttention.apply(x, q_weight, kv_weight, out_weight, out_bias, null_k, null_v, cfg)
     cfg.n_routes = routes_per_query_bucket(causal, cfg.n_top, n_sortcut, Nk) + cfg.own_bucket
     cfg.cpu_kernel = cpu_kernel.applies(x, bucket_size, dim_head, dropout_p)

@@ -1,11 +1,12 @@
 """The Sinkhorn self-attention layer op (`ops.sinkhorn_self_attention`) on the fused backends: projections, routing
-and the block attention kernels in one autograd Function that keeps from forward to backward only the attention
-output, its log-sum-exp and the routes (x is the caller's).
+and the block attention kernels in one autograd Function that keeps from forward to backward only the routes and
+the attention's log-sum-exp (x is the caller's).
 
 Through separate ops, autograd keeps q, k, v and the attention output (64 MB at 16k tokens, dim 512, in bf16), and
 backward holds dq, dk, dv of every head at once (48 MB more) beside them. Here the heads run in chunks
-(`chunk_heads`): forward projects a chunk's q, k, v into one packed buffer, routes, attends and lets them go;
-backward recomputes them a chunk at a time (one GEMM), with the chunk's output gradient, runs the backward kernels
+(`chunk_heads`): forward projects a chunk's q, k, v into one packed buffer, routes, attends, adds the chunk's part of
+the output projection and lets them go; backward recomputes them a chunk at a time (one GEMM and the forward
+kernel, FlashAttention's recomputation one level up), with the chunk's output gradient, runs the backward kernels
 (`topk_attention.attend_backward`) and folds the chunk's dq, dk, dv into dx and the weights' gradients before the
 next chunk. The causal half-head rotation is a shift of the rows the projections read and write
 (`self_attention.Group`), never a copy. torch.compile traces the composed ops instead: this Function manages its
@@ -15,15 +16,22 @@ import torch
 
 from .block_attention import fused, fused_operands, fused_routes
 from .self_attention import Group, head_columns, packed_weights, project_out
-from .topk_attention import attend_backward, route_and_attend, topk_options
+from .topk_attention import attend, attend_backward, route, topk_options
 
 
-def chunk_heads(dim, dim_head):
-    """Heads per chunk: backward's chunk buffers (q, k, v, the output's gradient and dq, dk, dv: seven vectors of
-    dim_head per token and head) take at most twice the memory of x, so its peak is about that of six copies of x
-    (x, dx, the incoming gradient, the attention output and the chunk). Smaller chunks save little more and each
-    costs some thirty more launches (2 heads of 64 at dim 512: 4 chunks)."""
-    return max(1, 2 * dim // (7 * dim_head))
+# the least memory a chunk may take: below it the memory saved is small and each chunk's launches (some thirty)
+# cost more, so shorter sequences run in fewer chunks
+MIN_CHUNK_BYTES = 32 << 20
+
+
+def chunk_heads(x, dim_head):
+    """Heads per chunk: backward's chunk buffers (q, k, v, the attention output and its gradient, dq, dk, dv: eight
+    vectors of dim_head per token and head) take at most as much memory as x, or MIN_CHUNK_BYTES if that is more;
+    backward's peak is then that of about four copies of x (x, dx, the incoming gradient and the chunk;
+    `benchmarks/layer_memory.py` measures it). At dim 512 with 8 heads of 64 in bf16: one chunk up to 4k tokens,
+    two heads a chunk at 16k."""
+    per_head = 8 * x.shape[0] * x.shape[1] * dim_head * x.element_size()
+    return max(1, max(x.numel() * x.element_size(), MIN_CHUNK_BYTES) // per_head)
 
 
 def chunks(groups, n):
@@ -40,7 +48,8 @@ class _Chunk:
         self.mask = part.mask(cfg.mask)
         self.null = None if null_k is None or part.local else (null_k[self.sinkhorn(cfg)], null_v[self.sinkhorn(cfg)])
         if part.local:
-            self.kernel = (cfg.bucket_size, cfg.bucket_size, cfg.causal, 0, cfg.scale, cfg.dropout_p)
+            self.opts = dict(kernel=(cfg.bucket_size, cfg.bucket_size, cfg.causal, 0, cfg.scale, cfg.dropout_p),
+                             backend=cfg.backend)
             self.local_routes = cfg.local_idx
         else:
             self.opts = topk_options(cfg.backend, bucket_size=cfg.bucket_size, kv_bucket_size=cfg.kv_bucket_size,
@@ -52,6 +61,10 @@ class _Chunk:
     def sinkhorn(self, cfg):
         """The chunk's heads among the Sinkhorn heads (those of the null bucket's parameters)."""
         return slice(self.part.h0 - cfg.n_local, self.part.h1 - cfg.n_local)
+
+    def weights(self, cfg, w_q, w_kv):
+        """The chunk's q, k and v projection weights, stacked."""
+        return packed_weights(cfg, w_q, w_kv, [self.part])[0]
 
     def project(self, cfg, x, w):
         """The chunk's q, k, v ([B, n, T, D] views of one packed [B, T, 3, n, D] buffer, in its frame) from x and
@@ -68,16 +81,21 @@ class _Chunk:
         null_k, null_v, mask, _ = fused_operands(cfg.backend, q, k, v, self.null, self.mask, None, cfg.bucket_size, kb)
         return null_k, null_v, mask
 
-    def attend(self, cfg, q, k, v):
-        """-> (out [B, n, T, D] stored as [B, T, n, D], lse, routes)."""
-        null_k, null_v, mask = self.operands(cfg, q, k, v)
+    def routes(self, cfg, q, k, mask):
+        """The sort net's routes (see `topk_attention.route`), or the local heads' fixed ones (idx, w)."""
         if not self.part.local:
-            return route_and_attend(q, k, v, null_k, null_v, mask, mask, self.seed, self.opts)
+            return route(q, k, mask, mask, self.opts)
         idx = self.local_routes.expand(q.shape[0], self.n, -1, -1)
-        routes = fused_routes(idx, torch.ones(idx.shape, device=idx.device))
-        out, lse = fused.block_attention_fwd(q, k, v, *routes, None, None, mask, mask, *self.kernel, self.seed,
-                                             cfg.backend)
-        return out, lse, routes
+        return fused_routes(idx, torch.ones(idx.shape, device=idx.device))
+
+    def attend(self, cfg, x, w, routes=None):
+        """Projects the chunk's q, k, v from x (with its packed weight w), routes unless `routes` are given, and
+        attends -> (q, k, v, out [B, n, T, D] stored as [B, T, n, D], lse, routes)."""
+        q, k, v = self.project(cfg, x, w)
+        null_k, null_v, mask = self.operands(cfg, q, k, v)
+        routes = self.routes(cfg, q, k, mask) if routes is None else routes
+        out, lse = attend(q, k, v, routes, null_k, null_v, mask, mask, self.seed, self.opts)
+        return q, k, v, out, lse, routes
 
     def backward(self, cfg, dout, q, k, v, out, lse, routes):
         """-> (dq, dk, dv, d_null_k, d_null_v)."""
@@ -85,7 +103,7 @@ class _Chunk:
         if not self.part.local:
             return attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, mask, mask, self.seed, self.opts)
         dq, dk, dv, _, _ = fused.block_attention_bwd(dout, q, k, v, out, lse, *routes, None, None, mask, mask,
-                                                     *self.kernel, self.seed, cfg.backend)
+                                                     *self.opts['kernel'], self.seed, cfg.backend)
         return dq, dk, dv, None, None
 
 
@@ -97,51 +115,50 @@ class FusedSelfAttention(torch.autograd.Function):
         x = x.contiguous()
         seeds = dropout_seeds(cfg.dropout_p, len(cfg.chunks), x.device)
         parts = [_Chunk(cfg, part, seeds[i:i + 1], null_k, null_v) for i, part in enumerate(cfg.chunks)]
-        outs, kept = [], []
-        for c, w in zip(parts, packed_weights(cfg, w_q, w_kv, cfg.chunks)):
-            out, lse, routes = c.attend(cfg, *c.project(cfg, x, w))
-            outs.append(out)
-            kept += [out, lse, *routes]
         y = x.new_empty(*x.shape[:2], w_out.shape[0])
-        project_out(cfg, cfg.chunks, [o.transpose(1, 2) for o in outs], w_out, b_out, y)
-        ctx.save_for_backward(x, w_q, w_kv, w_out, null_k, null_v, *kept)
-        ctx.cfg, ctx.parts = cfg, parts
+        routes = []
+        for i, c in enumerate(parts):
+            q, k, v, out, _, r = c.attend(cfg, x, c.weights(cfg, w_q, w_kv))
+            project_out(cfg, c.part, out.transpose(1, 2), w_out, b_out, y, first=i == 0)
+            routes.append(r)
+            del q, k, v, out  # before the next chunk's are made
+        ctx.save_for_backward(x, w_q, w_kv, w_out, null_k, null_v, *(t for r in routes for t in r))
+        ctx.cfg, ctx.parts, ctx.n_routes = cfg, parts, [len(r) for r in routes]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_q, w_kv, w_out, null_k, null_v, *kept = ctx.saved_tensors
-        cfg, parts = ctx.cfg, ctx.parts
+        x, w_q, w_kv, w_out, null_k, null_v, *flat = ctx.saved_tensors
+        cfg = ctx.cfg
+        at = [sum(ctx.n_routes[:i]) for i in range(len(ctx.n_routes) + 1)]
+        routes = [flat[a:b] for a, b in zip(at, at[1:])]
         dy = dy.contiguous()  # a copy only of an expanded gradient (a sum's), which the GEMMs cannot read by rows
-        B, T, _ = x.shape
         dx = torch.empty_like(x)
         d_w = [torch.zeros_like(w) for w in (w_q, w_kv, w_out)]
         d_null = [None if t is None else torch.zeros_like(t) for t in (null_k, null_v)]
         inner = cfg.heads * cfg.dim_head
-        at = 0
-        for i, (c, w) in enumerate(zip(parts, packed_weights(cfg, w_q, w_kv, cfg.chunks))):
-            n_routes = 2 if c.part.local else 5
-            out, lse, *routes = kept[at:at + 2 + n_routes]
-            at += 2 + n_routes
+        for i, (c, r) in enumerate(zip(ctx.parts, routes)):
+            w = c.weights(cfg, w_q, w_kv)
+            q, k, v, out, lse, _ = c.attend(cfg, x, w, r)
             cols = head_columns(cfg, c.part)
-            dout = x.new_empty(B, T, c.n, cfg.dim_head)
+            dout = torch.empty_like(out.transpose(1, 2))
             for f, t in c.part.rows(out.transpose(1, 2), dy):
                 d_w[2][:, cols].addmm_(t.t(), f)
             for f, t in c.part.rows(dout, dy):
                 torch.mm(t, w_out[:, cols], out=f)
-            q, k, v = c.project(cfg, x, w)
-            dq, dk, dv, d_nk, d_nv = c.backward(cfg, dout.transpose(1, 2), q, k, v, out, lse, routes)
-            del q, k, v, dout
-            for j, (g, w_j, d_wj) in enumerate(zip((dq, dk, dv), w.chunk(3),
-                                                  (d_w[0][cols], d_w[1][:inner][cols], d_w[1][inner:][cols]))):
+            grads = c.backward(cfg, dout.transpose(1, 2), q, k, v, out, lse, r)
+            del q, k, v, out, lse, dout
+            weights = (d_w[0][cols], d_w[1][:inner][cols], d_w[1][inner:][cols])
+            for j, (g, w_j, d_wj) in enumerate(zip(grads[:3], w.chunk(3), weights)):
                 for f, t in c.part.rows(g.transpose(1, 2), x):
                     d_wj.addmm_(f.t(), t)
                 # the first chunk has no shift: its one pair of row blocks writes every row of dx
                 for f, t in c.part.rows(g.transpose(1, 2), dx):
                     t.addmm_(f, w_j, beta=0 if i == j == 0 else 1)
-            if d_nk is not None:
-                for d, d_c in zip(d_null, (d_nk, d_nv)):
+            if grads[3] is not None:
+                for d, d_c in zip(d_null, grads[3:]):
                     d[c.sinkhorn(cfg)] = d_c.view_as(d[c.sinkhorn(cfg)])
+            del grads, g  # before the next chunk's buffers are made
         return dx, *d_w, dy.sum(dim=(0, 1)), *d_null, None
 
 

@@ -153,9 +153,18 @@ def add_sort_summaries_vjp(d_sq, d_sk, dq, dk, *, bucket_size, kv_bucket_size, c
     bucketed(dk, n).addcmul_(d_sk[:, :, :, None], suffix if m is None else m * suffix)
 
 
-def summary_scores(sq, sk, n_null=0):
-    """Scaled dot products of query and key bucket summaries, with `n_null` leading zero columns."""
+def empty_key_buckets(kv_mask, kv_bucket_size):
+    """bool [B, 1 or H, Nk]: the key buckets without a real token (None without a mask)."""
+    return None if kv_mask is None else ~kv_mask.unflatten(-1, (-1, kv_bucket_size)).any(-1)
+
+
+def summary_scores(sq, sk, n_null=0, empty=None):
+    """Scaled dot products of query and key bucket summaries, with `n_null` leading zero columns. With null columns
+    (causal), key buckets in `empty` (see `empty_key_buckets`) score -inf: their summary is zero, so they would tie
+    with the null buckets, and the backends break ties differently."""
     scores = torch.einsum('bhid,bhjd->bhij', sq * sq.shape[-1] ** -0.5, sk)
+    if n_null and empty is not None:
+        scores = scores.masked_fill(empty[..., None, :], float('-inf'))
     return F.pad(scores, (n_null, 0)) if n_null else scores
 
 
@@ -165,7 +174,7 @@ def attention_sort_scores(q, k, *, bucket_size, kv_bucket_size, causal, n_sortcu
     [B, H, Nq or 1, Nk] (causal: with `n_null` leading zero-score columns for the null buckets)."""
     sq, sk = sort_summaries(q, k, bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, causal=causal,
                             n_sortcut=n_sortcut, q_mask=q_mask, kv_mask=kv_mask)
-    return summary_scores(sq, sk, n_null)
+    return summary_scores(sq, sk, n_null, empty_key_buckets(kv_mask, kv_bucket_size))
 
 
 def route_scores(scores, causal, n_null):
@@ -194,13 +203,13 @@ def topk_routes(scores, *, causal, n_top_buckets, n_sortcut, temperature, n_null
 
 
 def summary_routes(sq, sk, *, causal, n_top_buckets, n_sortcut, temperature, n_query_buckets, own_bucket,
-                   backend='reference'):
+                   empty=None, backend='reference'):
     """The attention sort net's routes from its summaries, as block attention runs them: (scores, indices,
     weights), the routes [B, H, n_query_buckets, K] for every query bucket, the own bucket appended last when
     `own_bucket`; causal routes have `n_top_buckets` null buckets (index Nk). backend='triton' routes in one
-    kernel (int32 indices, fp32 weights); the other backends with PyTorch ops."""
+    kernel (int32 indices, fp32 weights); the other backends with PyTorch ops. `empty`: see `summary_scores`."""
     n_null = n_top_buckets if causal else 0
-    scores = summary_scores(sq, sk, n_null)
+    scores = summary_scores(sq, sk, n_null, empty)
     if backend == 'triton':
         from .routing import fused as routing_kernels
         k = routes_per_query_bucket(causal, n_top_buckets, n_sortcut, scores.shape[-1])

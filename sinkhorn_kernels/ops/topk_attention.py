@@ -7,24 +7,30 @@ bf16), besides some thirty small kernels for the routing (`benchmarks/launch_cen
 forward routes and runs the block attention kernel; backward runs its backward kernels, takes the route weights'
 gradient back to the summaries by hand (`summary_routes_backward`), and adds the summaries' vector-Jacobian
 product into dq and dk in place (`add_sort_summaries_vjp`). The kernels are the `torch.library` ops of
-`block_attention.fused` and `routing.fused`, so torch.compile traces this Function around them. The fused layer
-op (`self_attention_fused`) runs the same two steps, `route_and_attend` and `attend_backward`, on chunks of heads.
+`block_attention.fused` and `routing.fused`, so torch.compile traces this Function around them. The layer op on
+the fused backends (`self_attention_fused`) runs the same steps (`route`, `attend`, `attend_backward`) on chunks
+of heads.
 """
 import torch
 
 from .block_attention import check_dropout, dropout_seed, fused, fused_operands, fused_routes
-from .sinkhorn_attention import add_sort_summaries_vjp, sort_summaries, summary_routes, summary_routes_backward
+from .sinkhorn_attention import (add_sort_summaries_vjp, empty_key_buckets, sort_summaries, summary_routes,
+                                 summary_routes_backward)
 
 
-def route_and_attend(q, k, v, null_k, null_v, q_mask, kv_mask, seed, opts):
-    """-> (out, lse, routes): routes = (idx, w, sq, sk, scores), what `attend_backward` needs besides q, k, v."""
+def route(q, k, q_mask, kv_mask, opts):
+    """The routes (idx, w, sq, sk, scores): those block attention runs, and what their backward needs."""
     sq, sk = sort_summaries(q, k, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'])
     scores, idx, w = summary_routes(sq, sk, **opts['routing'], n_query_buckets=opts['n_query_buckets'],
+                                    empty=empty_key_buckets(kv_mask, opts['summaries']['kv_bucket_size']),
                                     backend=opts['backend'])
-    idx, w = fused_routes(idx, w)
-    out, lse = fused.block_attention_fwd(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *opts['kernel'], seed,
-                                         opts['backend'])
-    return out, lse, (idx, w, sq, sk, scores)
+    return (*fused_routes(idx, w), sq, sk, scores)
+
+
+def attend(q, k, v, routes, null_k, null_v, q_mask, kv_mask, seed, opts):
+    """Block attention along routes whose first two are the indices and weights -> (out, lse)."""
+    return fused.block_attention_fwd(q, k, v, routes[0], routes[1], null_k, null_v, q_mask, kv_mask, *opts['kernel'],
+                                     seed, opts['backend'])
 
 
 def attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, q_mask, kv_mask, seed, opts):
@@ -43,7 +49,8 @@ class TopkAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, null_k, null_v, q_mask, kv_mask, seed, opts):
-        out, lse, routes = route_and_attend(q, k, v, null_k, null_v, q_mask, kv_mask, seed, opts)
+        routes = route(q, k, q_mask, kv_mask, opts)
+        out, lse = attend(q, k, v, routes, null_k, null_v, q_mask, kv_mask, seed, opts)
         ctx.save_for_backward(q, k, v, out, lse, null_k, null_v, q_mask, kv_mask, seed, *routes)
         ctx.opts = opts
         return out
@@ -57,7 +64,7 @@ class TopkAttention(torch.autograd.Function):
 
 def topk_options(backend, *, bucket_size, kv_bucket_size, causal, n_top_buckets, n_sortcut, temperature, own_bucket,
                  n_query_buckets, n_rotated_heads, scale, dropout_p):
-    """The plain settings `route_and_attend` and `attend_backward` take."""
+    """The plain settings `route`, `attend` and `attend_backward` take."""
     return dict(
         summaries=dict(bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, causal=causal, n_sortcut=n_sortcut),
         routing=dict(causal=causal, n_top_buckets=n_top_buckets, n_sortcut=n_sortcut, temperature=temperature,
