@@ -120,3 +120,39 @@ def test_compiled_lm_trains_without_graph_breaks(backend):
     finally:
         sk.set_backend(None)
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize('causal', [False, True], ids=['noncausal', 'causal'])
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_layer_op_equals_the_composed_ops_in_less_memory(backend, causal, monkeypatch):
+    """SinkhornSelfAttention in eager mode (`ops.sinkhorn_self_attention`, which recomputes q, k, v and the
+    attention output by chunks of heads) against its composed ops on the same backend, fp32: the same output and
+    gradients, and a lower peak (chunks of two heads here: about 0.6x the composed ops')."""
+    torch.manual_seed(0)
+    T = 8192
+    layer = sk.SinkhornSelfAttention(512, 64, T, heads=8, causal=causal, n_top_buckets=2).cuda()
+    x = torch.randn(1, T, 512, device='cuda', requires_grad=True)
+    g = torch.randn(1, T, 512, device='cuda')
+
+    def step(fused):
+        with monkeypatch.context() as m:
+            if not fused:
+                m.setattr(sk.SinkhornSelfAttention, '_runs_fused', lambda self, x: False)
+            sk.set_backend(backend)
+            try:
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                y = layer(x)
+                (y * g).sum().backward()
+                torch.cuda.synchronize()
+                return [y.detach(), x.grad] + [p.grad for p in layer.parameters()], torch.cuda.max_memory_allocated()
+            finally:
+                sk.set_backend(None)
+
+    composed, composed_peak = step(False)
+    fused, fused_peak = step(True)
+    for a, b in zip(fused, composed):
+        torch.testing.assert_close(a, b, atol=1e-3 * max(1.0, b.abs().max().item()), rtol=1e-3)
+    assert fused_peak < 0.75 * composed_peak, (fused_peak, composed_peak)

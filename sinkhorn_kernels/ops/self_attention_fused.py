@@ -21,15 +21,15 @@ from .topk_attention import attend, attend_backward, route, topk_options
 
 # the least memory a chunk may take: below it the memory saved is small and each chunk's launches (some thirty)
 # cost more, so shorter sequences run in fewer chunks
-MIN_CHUNK_BYTES = 32 << 20
+MIN_CHUNK_BYTES = 16 << 20
 
 
 def chunk_heads(x, dim_head):
     """Heads per chunk: backward's chunk buffers (q, k, v, the attention output and its gradient, dq, dk, dv: eight
     vectors of dim_head per token and head) take at most as much memory as x, or MIN_CHUNK_BYTES if that is more;
     backward's peak is then that of about four copies of x (x, dx, the incoming gradient and the chunk;
-    `benchmarks/layer_memory.py` measures it). At dim 512 with 8 heads of 64 in bf16: one chunk up to 4k tokens,
-    two heads a chunk at 16k."""
+    `benchmarks/layer_memory.py` measures it). At dim 512 with 8 heads of 64 in bf16: one chunk up to 2k tokens,
+    one head a chunk from 16k."""
     per_head = 8 * x.shape[0] * x.shape[1] * dim_head * x.element_size()
     return max(1, max(x.numel() * x.element_size(), MIN_CHUNK_BYTES) // per_head)
 
