@@ -5,8 +5,8 @@ interpreter, so a step at 8k tokens takes minutes.
 
     python benchmarks/layer_memory.py [--seq-len 4096] [--causal] [--dtype float32] [--impl fused]
 
---impl: fused (the layer as one op on the triton backend), composed (the same backend through separate ops) or
-reference (sinkhorn-transformer, in PyTorch).
+--impl: fused (the layer on the triton backend as it runs in eager mode: as one op wherever that saves memory),
+composed (the same backend through separate ops) or reference (sinkhorn-transformer, in PyTorch).
 """
 import argparse
 import os

@@ -7,6 +7,8 @@ from torch import nn
 from . import ops
 from ._checks import check_bucket_multiple, check_mask, require
 from .ops.backends import FUSED_DTYPES, resolve_backend
+from .ops import self_attention_fused as fused_layer
+from .ops.self_attention import head_groups
 from .ops.sinkhorn_attention import causal_first_means
 
 
@@ -83,12 +85,16 @@ class SinkhornSelfAttention(nn.Module):
     def _runs_fused(self, x):
         """Whether the layer runs as one op, `ops.sinkhorn_self_attention`, which saves memory: self-attention with
         the attention sort net and top-k routing, on the reference backend in float32 or float64, on a fused
-        backend in the dtypes its kernels take. Not under torch.compile, which traces the composed ops instead (the
-        op manages its own buffers in eager code)."""
-        backend = resolve_backend(None, x.device)
-        dtypes = (torch.float32, torch.float64) if backend == 'reference' else FUSED_DTYPES
-        return (not self.context_only and self.sort_net is None and (self.non_permutative or self.causal)
-                and x.dtype in dtypes and not torch.compiler.is_compiling())
+        backend in the dtypes its kernels take where it saves memory (`self_attention_fused.saves_memory`). Not
+        under torch.compile, which traces the composed ops instead (the op manages its own buffers in eager
+        code)."""
+        if (self.context_only or self.sort_net is not None or not (self.non_permutative or self.causal)
+                or torch.compiler.is_compiling()):
+            return False
+        if resolve_backend(None, x.device) == 'reference':
+            return x.dtype in (torch.float32, torch.float64)
+        groups = head_groups(self.heads, self.n_local, self.causal, self.bucket_size)
+        return x.dtype in FUSED_DTYPES and fused_layer.saves_memory(x, self.heads, self.dim_head, groups)
 
     def forward(self, x, input_mask=None, context=None, context_mask=None):
         b, t, d = x.shape

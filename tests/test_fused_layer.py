@@ -30,6 +30,8 @@ def forward_backward(layer, x, mask, fused, monkeypatch, loss=weighted_sum, back
     apply = function.apply
     with monkeypatch.context() as m:
         m.setattr(function, 'apply', lambda *a: calls.append(1) or apply(*a))
+        # at these sizes the layer op would run whole groups of heads, where it saves no memory
+        m.setattr(self_attention_fused, 'saves_memory', lambda *a: True)
         if not fused:
             m.setattr(SinkhornSelfAttention, '_runs_fused', lambda self, x: False)
         layer.zero_grad()
@@ -193,10 +195,14 @@ def test_layer_uses_the_fused_op_only_where_it_applies():
     assert not SinkhornSelfAttention(8, 4, 16, heads=2)._runs_fused(x.half())
     if not sk.available_backends()['triton'][0]:
         return
+    from sinkhorn_kernels.ops import self_attention_fused
     sk.set_backend('triton')
     try:
         layer = SinkhornSelfAttention(8, 4, 16, heads=2)
-        assert layer._runs_fused(x) and layer._runs_fused(x.half()) and not layer._runs_fused(x.double())
+        assert not layer._runs_fused(x)  # one chunk of both heads: more memory than the composed ops
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(self_attention_fused, 'chunk_heads', lambda x, dim_head: 1)
+            assert layer._runs_fused(x) and layer._runs_fused(x.half()) and not layer._runs_fused(x.double())
     finally:
         sk.set_backend(None)
 
@@ -281,6 +287,8 @@ def saved_bytes(layer, x, backend):
 @needs_triton
 @pytest.mark.parametrize('causal', [False, True])
 def test_fused_layer_on_triton_keeps_only_the_routes(causal, monkeypatch):
+    from sinkhorn_kernels.ops import self_attention_fused
+    monkeypatch.setattr(self_attention_fused, 'saves_memory', lambda *a: True)
     B, T, dim, H, D = 1, 256, 64, 4, 16
     layer = SinkhornSelfAttention(dim, 16, T, heads=H, dim_head=D, causal=causal)
     x = torch.randn(B, T, dim, requires_grad=True)
@@ -296,7 +304,10 @@ def test_fused_layer_on_triton_gives_each_chunk_its_own_dropout_masks(monkeypatc
     """Heads with the same weights give the same outputs, until dropout: then each chunk (numbering its heads from
     0) must draw its own masks."""
     from sinkhorn_kernels.ops import self_attention_fused
+    calls = []
+    apply = self_attention_fused.FusedSelfAttention.apply
     monkeypatch.setattr(self_attention_fused, 'chunk_heads', lambda x, dim_head: 1)
+    monkeypatch.setattr(self_attention_fused.FusedSelfAttention, 'apply', lambda *a: calls.append(1) or apply(*a))
     H, D = 3, 4
     layer = SinkhornSelfAttention(H * D, 4, 32, heads=H, dim_head=D, attn_dropout=0.5).train()
     with torch.no_grad():
@@ -314,12 +325,18 @@ def test_fused_layer_on_triton_gives_each_chunk_its_own_dropout_masks(monkeypatc
         sk.set_backend(None)
     assert all(torch.allclose(h, same[0], atol=1e-5) for h in same[1:])
     assert all(not torch.allclose(h, heads[0], atol=1e-3) for h in heads[1:])
+    assert len(calls) == 2
 
 
 @needs_triton
 @pytest.mark.parametrize('cfg', [dict(), dict(causal=True, n_local_attn_heads=1)], ids=str)
-def test_fused_layer_on_triton_gradients_with_dropout(cfg):
+def test_fused_layer_on_triton_gradients_with_dropout(cfg, monkeypatch):
     """Every gradient against a central difference of the seeded forward along a random direction."""
+    from sinkhorn_kernels.ops import self_attention_fused
+    calls = []
+    apply = self_attention_fused.FusedSelfAttention.apply
+    monkeypatch.setattr(self_attention_fused, 'saves_memory', lambda *a: True)
+    monkeypatch.setattr(self_attention_fused.FusedSelfAttention, 'apply', lambda *a: calls.append(1) or apply(*a))
     layer = SinkhornSelfAttention(16, 4, 16, heads=2, dim_head=8, attn_dropout=0.3, **cfg).train()
     x = torch.randn(1, 16, 16)
     r = torch.randn(1, 16, 16)
@@ -349,3 +366,4 @@ def test_fused_layer_on_triton_gradients_with_dropout(cfg):
                 p.sub_(sign * eps * d)
     numeric = (shifted[0] - shifted[1]) / (2 * eps)
     assert abs(numeric - analytic) <= 1e-2 * max(1.0, abs(analytic)), (numeric, analytic)
+    assert len(calls) == 3

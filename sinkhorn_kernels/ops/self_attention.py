@@ -73,7 +73,7 @@ class Group:
         return None if mask is None else mask.roll(-self.shift, dims=1)[:, None]
 
 
-def _groups(heads, n_local, causal, bucket_size):
+def head_groups(heads, n_local, causal, bucket_size):
     """Local heads first, then the Sinkhorn heads; causal Sinkhorn heads from the middle on are rotated."""
     groups = [Group(0, n_local, 0, True)] if n_local else []
     if causal:
@@ -475,7 +475,7 @@ def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, hea
     # the local heads' fixed routes: neighbouring windows (none ahead when causal), then their own
     local_idx = local_routes(Nq, 1, 0 if causal else 1, x.device).view(1, 1, Nq, -1)
     cfg = SimpleNamespace(heads=heads, dim_head=dim_head, n_local=n_local_heads, batch=B, Nq=Nq, Nk=Nk,
-                  groups=_groups(heads, n_local_heads, causal, bucket_size),
+                  groups=head_groups(heads, n_local_heads, causal, bucket_size),
                   bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, causal=causal,
                   n_top=min(n_top_buckets, Nq) if causal else n_top_buckets, n_sortcut=n_sortcut,
                   topk_temperature=temperature if causal else SORT_NET_TEMPERATURE, own_bucket=causal or Nq == Nk,

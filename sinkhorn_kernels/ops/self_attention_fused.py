@@ -34,6 +34,14 @@ def chunk_heads(x, dim_head):
     return max(1, max(x.numel() * x.element_size(), MIN_CHUNK_BYTES) // per_head)
 
 
+def saves_memory(x, heads, dim_head, groups):
+    """Whether backward's peak here (x, dx, the incoming gradient and a chunk's eight vectors per head) is below
+    that of the composed ops (about nine copies of x: x, q, k, v, the output, its gradient, dq, dk, dv): short
+    sequences run in whole groups of heads, which hold more."""
+    largest = min(chunk_heads(x, dim_head), max(g.h1 - g.h0 for g in groups))
+    return 3 + 8 * largest / heads < 9
+
+
 def chunks(groups, n):
     """The groups cut into chunks of up to n heads, each in its group's frame."""
     return [Group(h, min(h + n, g.h1), g.shift, g.local) for g in groups for h in range(g.h0, g.h1, n)]
