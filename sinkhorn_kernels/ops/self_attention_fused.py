@@ -1,6 +1,6 @@
 """The Sinkhorn self-attention layer op (`ops.sinkhorn_self_attention`) on the fused backends: projections, routing
-and the block attention kernels in one autograd Function that keeps from forward to backward only the routes and
-the attention's log-sum-exp (x is the caller's).
+and the block attention kernels in one autograd Function that keeps from forward to backward only the routes (x
+is the caller's).
 
 Through separate ops, autograd keeps q, k, v and the attention output (64 MB at 16k tokens, dim 512, in bf16), and
 backward holds dq, dk, dv of every head at once (48 MB more) beside them. Here the heads run in chunks
@@ -14,7 +14,7 @@ buffers in eager code.
 """
 import torch
 
-from .block_attention import fused, fused_operands, fused_routes
+from .block_attention import dropout_seed, fused, fused_operands, fused_routes
 from .self_attention import Group, head_columns, packed_weights, project_out
 from .topk_attention import attend, attend_backward, route, topk_options
 
@@ -121,7 +121,8 @@ class FusedSelfAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_q, w_kv, w_out, b_out, null_k, null_v, cfg):
         x = x.contiguous()
-        seeds = dropout_seeds(cfg.dropout_p, len(cfg.chunks), x.device)
+        # a seed per chunk: chunks number their heads from 0, so one seed would give every chunk the same masks
+        seeds = dropout_seed(cfg.dropout_p, x.device, len(cfg.chunks))
         parts = [_Chunk(cfg, part, seeds[i:i + 1], null_k, null_v) for i, part in enumerate(cfg.chunks)]
         y = x.new_empty(*x.shape[:2], w_out.shape[0])
         routes = []
@@ -169,10 +170,3 @@ class FusedSelfAttention(torch.autograd.Function):
             del grads, g  # before the next chunk's buffers are made
         return dx, *d_w, dy.sum(dim=(0, 1)), *d_null, None
 
-
-def dropout_seeds(dropout_p, n, device):
-    """One dropout seed per chunk (int32 [n]): chunks number their heads from 0, so one seed would give every
-    chunk the same masks."""
-    if dropout_p == 0:
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    return torch.randint(0, 2 ** 30, (n,), dtype=torch.int32, device=device)

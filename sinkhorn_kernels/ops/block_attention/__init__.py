@@ -94,12 +94,12 @@ def with_own_bucket(idx, w):
     return torch.cat((idx, own), dim=-1), torch.cat((w, torch.ones_like(w[..., :1])), dim=-1)
 
 
-def dropout_seed(dropout_p, device):
-    """A one-element int32 tensor drawn from torch's generator, so dropout is reproducible under torch.manual_seed;
-    the kernels read it on the device (no host sync, so torch.compile keeps one graph). Zero when unused."""
+def dropout_seed(dropout_p, device, n=1):
+    """n seeds in an int32 tensor drawn from torch's generator, so dropout is reproducible under torch.manual_seed;
+    the kernels read one on the device (no host sync, so torch.compile keeps one graph). Zeros when unused."""
     if dropout_p == 0:
-        return torch.zeros(1, dtype=torch.int32, device=device)
-    return torch.randint(0, 2 ** 30, (1,), dtype=torch.int32, device=device)
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    return torch.randint(0, 2 ** 30, (n,), dtype=torch.int32, device=device)
 
 
 FUSED_MAX_BLOCK = 128
