@@ -481,13 +481,13 @@ def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, hea
                   topk_temperature=temperature if causal else SORT_NET_TEMPERATURE, own_bucket=causal or Nq == Nk,
                   mask=input_mask, dropout_p=dropout_p, scale=dim_head ** -0.5, dtype=x.dtype,
                   local_idx=with_own_bucket(local_idx, torch.ones_like(local_idx, dtype=x.dtype))[0])
-    # routes of a Sinkhorn head, its own bucket included: the layouts and the workspace are sized by it
     null_k, null_v = null_kv if null_kv is not None and n_local_heads < heads else (None, None)
     if name != 'reference':
         from . import self_attention_fused as fused_layer
         cfg.backend = name
         cfg.chunks = fused_layer.chunks(cfg.groups, fused_layer.chunk_heads(x, dim_head))
         return fused_layer.FusedSelfAttention.apply(x, q_weight, kv_weight, out_weight, out_bias, null_k, null_v, cfg)
+    # routes of a Sinkhorn head, its own bucket included: the layouts and the workspace are sized by it
     cfg.n_routes = routes_per_query_bucket(causal, cfg.n_top, n_sortcut, Nk) + cfg.own_bucket
     cfg.cpu_kernel = cpu_kernel.applies(x, bucket_size, dim_head, dropout_p)
     cfg.chunk_heads = backward_chunk_heads(x, dim_head, cfg.groups)

@@ -96,18 +96,14 @@ class _Chunk:
         idx = self.local_routes.expand(q.shape[0], self.n, -1, -1)
         return fused_routes(idx, torch.ones(idx.shape, device=idx.device))
 
-    def attend(self, cfg, x, w, routes=None):
-        """Projects the chunk's q, k, v from x (with its packed weight w), routes unless `routes` are given, and
-        attends -> (q, k, v, out [B, n, T, D] stored as [B, T, n, D], lse, routes)."""
-        q, k, v = self.project(cfg, x, w)
-        null_k, null_v, mask = self.operands(cfg, q, k, v)
-        routes = self.routes(cfg, q, k, mask) if routes is None else routes
-        out, lse = attend(q, k, v, routes, null_k, null_v, mask, mask, self.seed, self.opts)
-        return q, k, v, out, lse, routes
+    def attend(self, q, k, v, operands, routes):
+        """-> (out [B, n, T, D] stored as [B, T, n, D], lse); operands: those of `operands`."""
+        null_k, null_v, mask = operands
+        return attend(q, k, v, routes, null_k, null_v, mask, mask, self.seed, self.opts)
 
-    def backward(self, cfg, dout, q, k, v, out, lse, routes):
+    def backward(self, cfg, dout, q, k, v, out, lse, operands, routes):
         """-> (dq, dk, dv, d_null_k, d_null_v)."""
-        null_k, null_v, mask = self.operands(cfg, q, k, v)
+        null_k, null_v, mask = operands
         if not self.part.local:
             return attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, mask, mask, self.seed, self.opts)
         dq, dk, dv, _, _ = fused.block_attention_bwd(dout, q, k, v, out, lse, *routes, None, None, mask, mask,
@@ -127,7 +123,10 @@ class FusedSelfAttention(torch.autograd.Function):
         y = x.new_empty(*x.shape[:2], w_out.shape[0])
         routes = []
         for i, c in enumerate(parts):
-            q, k, v, out, _, r = c.attend(cfg, x, c.weights(cfg, w_q, w_kv))
+            q, k, v = c.project(cfg, x, c.weights(cfg, w_q, w_kv))
+            operands = c.operands(cfg, q, k, v)
+            r = c.routes(cfg, q, k, operands[2])
+            out, _ = c.attend(q, k, v, operands, r)
             project_out(cfg, c.part, out.transpose(1, 2), w_out, b_out, y, first=i == 0)
             routes.append(r)
             del q, k, v, out  # before the next chunk's are made
@@ -148,14 +147,16 @@ class FusedSelfAttention(torch.autograd.Function):
         inner = cfg.heads * cfg.dim_head
         for i, (c, r) in enumerate(zip(ctx.parts, routes)):
             w = c.weights(cfg, w_q, w_kv)
-            q, k, v, out, lse, _ = c.attend(cfg, x, w, r)
+            q, k, v = c.project(cfg, x, w)
+            operands = c.operands(cfg, q, k, v)
+            out, lse = c.attend(q, k, v, operands, r)
             cols = head_columns(cfg, c.part)
             dout = torch.empty_like(out.transpose(1, 2))
             for f, t in c.part.rows(out.transpose(1, 2), dy):
                 d_w[2][:, cols].addmm_(t.t(), f)
             for f, t in c.part.rows(dout, dy):
                 torch.mm(t, w_out[:, cols], out=f)
-            grads = c.backward(cfg, dout.transpose(1, 2), q, k, v, out, lse, r)
+            grads = c.backward(cfg, dout.transpose(1, 2), q, k, v, out, lse, operands, r)
             del q, k, v, out, lse, dout
             weights = (d_w[0][cols], d_w[1][:inner][cols], d_w[1][inner:][cols])
             for j, (g, w_j, d_wj) in enumerate(zip(grads[:3], w.chunk(3), weights)):
