@@ -9,7 +9,7 @@ from ._checks import check_bucket_multiple, check_mask, require
 from .ops.backends import FUSED_DTYPES, resolve_backend
 from .ops import self_attention_fused as fused_layer
 from .ops.self_attention import head_groups
-from .ops.sinkhorn_attention import causal_first_means
+from .ops.summaries.reference import causal_first_means
 
 
 class SimpleSortNet(nn.Module):

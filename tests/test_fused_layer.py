@@ -7,7 +7,7 @@ import sinkhorn_kernels as sk
 from sinkhorn_kernels import ops
 from sinkhorn_kernels.attention import SinkhornSelfAttention
 from sinkhorn_kernels.ops import self_attention
-from sinkhorn_kernels.ops.sinkhorn_attention import add_sort_summaries_vjp, sort_summaries
+from sinkhorn_kernels.ops.summaries import add_sort_summaries_vjp, sort_summaries
 from rules import assert_within_rule
 
 f64 = dict(dtype=torch.float64)

@@ -170,6 +170,41 @@ def test_topk_routes_kernel(causal, n_top, n_sortcut, own_bucket, dtype):
     check(ours, exact, run('reference', dtype)[1], dtype, ['weights', 'd_sq', 'd_sk'])
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('causal,n_sortcut,masked,T,bs,kbs', [
+    (False, 0, False, 60, 6, 12), (False, 0, True, 60, 5, 5), (False, 2, True, 48, 8, 6), (True, 0, False, 60, 5, 5),
+    (True, 0, True, 64, 8, 8), (True, 0, True, 8 * 130, 8, 8)],
+    ids=['plain', 'masked', 'sortcut', 'causal', 'causal_masked', 'causal_130_buckets'])
+def test_sort_summaries_kernels(causal, n_sortcut, masked, T, bs, kbs, dtype):
+    """The summary kernels against the reference, forward and vector-Jacobian product, on q and k as the layer op
+    holds them (views of one packed buffer), with masks that leave whole buckets without a real token (130
+    buckets: the scans take several steps)."""
+    from sinkhorn_kernels.ops.summaries import add_sort_summaries_vjp, sort_summaries
+    B, H, D = 2, 3, 12
+    qkv = torch.randn(B, T, 3, H, D, dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = torch.rand(B, 1, T) > 0.3
+        mask[0, :, :2 * kbs + 1] = False
+        mask = mask.expand(B, H, T)
+    opts = dict(bucket_size=bs, kv_bucket_size=kbs, causal=causal, n_sortcut=n_sortcut, q_mask=mask, kv_mask=mask)
+    n_query = 1 if n_sortcut else T // bs
+    d_sq, d_sk = torch.randn(B, H, n_query, D, dtype=torch.float64), torch.randn(B, H, T // kbs, D,
+                                                                                  dtype=torch.float64)
+    dqk = torch.randn(B, T, 2, H, D, dtype=torch.float64)
+
+    def run(backend, dt):
+        q, k = (qkv[:, :, i].to(dt).transpose(1, 2) for i in range(2))
+        dq, dk = (t.transpose(1, 2) for t in dqk.to(dt).unbind(2))
+        summaries = sort_summaries(q, k, **opts, backend=backend)
+        add_sort_summaries_vjp(d_sq.to(dt), d_sk.to(dt), dq, dk, **opts, backend=backend)
+        return [*summaries, dq, dk]
+
+    ours, exact = run('triton', dtype), run('reference', torch.float64)
+    assert [t.dtype for t in ours] == [dtype] * 4
+    check(ours, exact, run('reference', dtype), dtype, ['sq', 'sk', 'dq', 'dk'])
+
+
 def test_topk_routes_kernel_rejects_too_many_buckets():
     from sinkhorn_kernels.ops.routing import triton as routing_kernels
     scores = torch.zeros(1, 1, 1, routing_kernels.MAX_COLUMNS + 1)

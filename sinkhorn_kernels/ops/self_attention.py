@@ -36,9 +36,9 @@ from .block_attention import dropout_seed, local_routes, with_own_bucket
 from .block_attention import reference as blocks
 from .cpu_extension import on_huge_pages
 from .outputs import carve
-from .sinkhorn_attention import (SORT_NET_TEMPERATURE, add_sort_summaries_vjp, empty_key_buckets,
-                                 routes_per_query_bucket, sort_summaries,
-                                 summary_routes, summary_routes_backward)
+from .sinkhorn_attention import (SORT_NET_TEMPERATURE, empty_key_buckets, routes_per_query_bucket, summary_routes,
+                                 summary_routes_backward)
+from .summaries import add_sort_summaries_vjp, sort_summaries
 
 
 # rows of the output's gradient made dense at a time: the gradient of a sum is an expanded tensor, which the

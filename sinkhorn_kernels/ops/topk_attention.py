@@ -6,21 +6,22 @@ bucketing view) that it then adds to dq and dk: three writes of each of their si
 bf16), besides some thirty small kernels for the routing (`benchmarks/launch_census.py` counts them). Here
 forward routes and runs the block attention kernel; backward runs its backward kernels, takes the route weights'
 gradient back to the summaries by hand (`summary_routes_backward`), and adds the summaries' vector-Jacobian
-product into dq and dk in place (`add_sort_summaries_vjp`). The kernels are the `torch.library` ops of
-`block_attention.fused` and `routing.fused`, so torch.compile traces this Function around them. The layer op on
+product into dq and dk in place (`add_sort_summaries_vjp`). On triton the summaries are kernels too. The kernels
+are the `torch.library` ops of `block_attention.fused`, `routing.fused` and `summaries.fused`, so torch.compile
+traces this Function around them. The layer op on
 the fused backends (`self_attention_fused`) runs the same steps (`route`, `attend`, `attend_backward`) on chunks
 of heads.
 """
 import torch
 
 from .block_attention import check_dropout, dropout_seed, fused, fused_operands, fused_routes
-from .sinkhorn_attention import (add_sort_summaries_vjp, empty_key_buckets, sort_summaries, summary_routes,
-                                 summary_routes_backward)
+from .sinkhorn_attention import empty_key_buckets, summary_routes, summary_routes_backward
+from .summaries import add_sort_summaries_vjp, sort_summaries
 
 
 def route(q, k, q_mask, kv_mask, opts):
     """The routes (idx, w, sq, sk, scores): those block attention runs, and what their backward needs."""
-    sq, sk = sort_summaries(q, k, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'])
+    sq, sk = sort_summaries(q, k, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'], backend=opts['backend'])
     scores, idx, w = summary_routes(sq, sk, **opts['routing'], n_query_buckets=opts['n_query_buckets'],
                                     empty=empty_key_buckets(kv_mask, opts['summaries']['kv_bucket_size']),
                                     backend=opts['backend'])
@@ -39,7 +40,8 @@ def attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, q_mask, kv_
     dq, dk, dv, dw, dnull = fused.block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
                                                       kv_mask, *opts['kernel'], seed, opts['backend'])
     d_sq, d_sk = summary_routes_backward(scores, sq, sk, dw, **opts['routing'], backend=opts['backend'])
-    add_sort_summaries_vjp(d_sq, d_sk, dq, dk, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'])
+    add_sort_summaries_vjp(d_sq, d_sk, dq, dk, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'],
+                           backend=opts['backend'])
     return dq, dk, dv, *fused.null_grads(dnull, null_k, null_v)
 
 
