@@ -205,6 +205,38 @@ def test_sort_summaries_kernels(causal, n_sortcut, masked, T, bs, kbs, dtype):
     check(ours, exact, run('reference', dtype), dtype, ['sq', 'sk', 'dq', 'dk'])
 
 
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck (schema and mutations, fake tensors, autograd registration, AOT dispatch) on every
+    custom op of the triton backend, with the arguments a layer step gives it: causal with padding and dropout,
+    SortCut, and Gumbel-Sinkhorn mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = {}
+
+    class Calls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == 'sinkhorn_kernels':
+                calls.setdefault(func, [a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(1, 32, 16, requires_grad=True)
+    mask = torch.arange(32)[None] >= 3
+    sk.set_backend('triton')
+    try:
+        with Calls():
+            for options in (dict(causal=True, attn_dropout=0.2, n_top_buckets=2), dict(n_sortcut=2),
+                            dict(non_permutative=False)):
+                layer = sk.SinkhornSelfAttention(16, 8, 32, heads=2, **options)
+                layer(x, input_mask=mask).sum().backward()
+    finally:
+        sk.set_backend(None)
+    assert {f.__name__.split('.')[0] for f in calls} == {
+        'block_attention_fwd', 'block_attention_bwd', 'topk_routes_fwd', 'topk_routes_bwd', 'sort_summaries',
+        'add_sort_summaries_vjp', 'sinkhorn_fwd', 'sinkhorn_bwd'}
+    for func, args in calls.items():
+        torch.library.opcheck(func, args)
+
+
 def test_topk_routes_kernel_rejects_too_many_buckets():
     from sinkhorn_kernels.ops.routing import triton as routing_kernels
     scores = torch.zeros(1, 1, 1, routing_kernels.MAX_COLUMNS + 1)
