@@ -102,13 +102,14 @@ class _Chunk:
         return attend(q, k, v, routes, null_k, null_v, mask, mask, self.seed, self.opts)
 
     def backward(self, cfg, dout, q, k, v, out, lse, operands, routes):
-        """-> (dq, dk, dv, d_null_k, d_null_v)."""
+        """-> (dq, dk, dv, dnull): dnull [2, B, n, D] fp32, the null key's and value's gradients by batch (None
+        for local heads)."""
         null_k, null_v, mask = operands
         if not self.part.local:
             return attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, mask, mask, self.seed, self.opts)
         dq, dk, dv, _, _ = fused.block_attention_bwd(dout, q, k, v, out, lse, *routes, None, None, mask, mask,
                                                      *self.opts['kernel'], self.seed, cfg.backend)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None
 
 
 class FusedSelfAttention(torch.autograd.Function):
@@ -143,7 +144,10 @@ class FusedSelfAttention(torch.autograd.Function):
         dy = dy.contiguous()  # a copy only of an expanded gradient (a sum's), which the GEMMs cannot read by rows
         dx = torch.empty_like(x)
         d_w = [torch.zeros_like(w) for w in (w_q, w_kv, w_out)]
-        d_null = [None if t is None else torch.zeros_like(t) for t in (null_k, null_v)]
+        # the null key's and value's gradients, each chunk's summed over the batch into its heads' rows (every
+        # Sinkhorn head is in some chunk), in fp32 until the end
+        d_null = None if null_k is None else null_k.new_empty(2, null_k.shape[0], null_k.shape[-1],
+                                                               dtype=torch.float32)
         inner = cfg.heads * cfg.dim_head
         for i, (c, r) in enumerate(zip(ctx.parts, routes)):
             w = c.weights(cfg, w_q, w_kv)
@@ -165,9 +169,10 @@ class FusedSelfAttention(torch.autograd.Function):
                 # the first chunk has no shift: its one pair of row blocks writes every row of dx
                 for f, t in c.part.rows(g.transpose(1, 2), dx):
                     t.addmm_(f, w_j, beta=0 if i == j == 0 else 1)
-            if grads[3] is not None:
-                for d, d_c in zip(d_null, grads[3:]):
-                    d[c.sinkhorn(cfg)] = d_c.view_as(d[c.sinkhorn(cfg)])
+            if d_null is not None and grads[3] is not None:
+                torch.sum(grads[3], dim=1, out=d_null[:, c.sinkhorn(cfg)])
             del grads, g  # before the next chunk's buffers are made
-        return dx, *d_w, dy.sum(dim=(0, 1)), *d_null, None
+        if d_null is not None:
+            d_null = [d.view_as(t).to(t.dtype) for d, t in zip(d_null, (null_k, null_v))]
+        return dx, *d_w, dy.sum(dim=(0, 1)), *(d_null or (None, None)), None
 

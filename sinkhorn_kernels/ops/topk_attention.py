@@ -35,14 +35,15 @@ def attend(q, k, v, routes, null_k, null_v, q_mask, kv_mask, seed, opts):
 
 
 def attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, q_mask, kv_mask, seed, opts):
-    """-> (dq, dk, dv, d_null_k, d_null_v), the routes' gradient included in dq and dk."""
+    """-> (dq, dk, dv, dnull), the routes' gradient included in dq and dk; dnull: the null bucket's gradients by
+    batch (see `block_attention.fused.null_grads`)."""
     idx, w, sq, sk, scores = routes
     dq, dk, dv, dw, dnull = fused.block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
                                                       kv_mask, *opts['kernel'], seed, opts['backend'])
     d_sq, d_sk = summary_routes_backward(scores, sq, sk, dw, **opts['routing'], backend=opts['backend'])
     add_sort_summaries_vjp(d_sq, d_sk, dq, dk, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'],
                            backend=opts['backend'])
-    return dq, dk, dv, *fused.null_grads(dnull, null_k, null_v)
+    return dq, dk, dv, dnull
 
 
 class TopkAttention(torch.autograd.Function):
@@ -60,8 +61,9 @@ class TopkAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, null_k, null_v, q_mask, kv_mask, seed, *routes = ctx.saved_tensors
-        grads = attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, q_mask, kv_mask, seed, ctx.opts)
-        return *grads, None, None, None, None
+        dq, dk, dv, dnull = attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, q_mask, kv_mask, seed,
+                                            ctx.opts)
+        return dq, dk, dv, *fused.null_grads(dnull, null_k, null_v), None, None, None, None
 
 
 def topk_options(backend, *, bucket_size, kv_bucket_size, causal, n_top_buckets, n_sortcut, temperature, own_bucket,
