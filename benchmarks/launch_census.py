@@ -22,8 +22,8 @@ from sinkhorn_kernels.ops.block_attention import triton as block_attention_kerne
 from sinkhorn_kernels.ops.routing import triton as routing_kernels  # noqa: E402
 
 NOT_LAUNCHES = {'view', 't', 'permute', 'detach', 'expand', '_unsafe_view', 'slice', 'unsqueeze', 'alias',
-                'transpose', 'squeeze', 'select', 'split', 'as_strided', 'unbind', 'reshape', 'unflatten',
-                'empty', 'empty_like', 'new_empty', 'empty_strided', 'lift_fresh'}
+                'transpose', 'squeeze', 'select', 'split', 'split_with_sizes', 'as_strided', 'unbind', 'reshape',
+                'unflatten', 'empty', 'empty_like', 'new_empty', 'empty_strided', 'lift_fresh'}
 SKIPPED_KERNELS = {'_fwd', '_bwd_dq', '_bwd_dkv'}
 
 

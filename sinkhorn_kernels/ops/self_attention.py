@@ -132,10 +132,12 @@ class _Scratch:
 
 
 def packed_weights(cfg, w_q, w_kv, groups):
-    """Each group's q, k and v projection weights, stacked (rebuilt in backward rather than kept)."""
+    """Each group's q, k and v projection weights, stacked: row blocks of one buffer made by one cat (rebuilt in
+    backward rather than kept)."""
     inner = _inner(cfg)
-    return [torch.cat((w_q[head_columns(cfg, g)], w_kv[:inner][head_columns(cfg, g)],
-                       w_kv[inner:][head_columns(cfg, g)])) for g in groups]
+    cols = [head_columns(cfg, g) for g in groups]
+    stacked = torch.cat([w[c] for c in cols for w in (w_q, w_kv[:inner], w_kv[inner:])])
+    return list(stacked.split([3 * (c.stop - c.start) for c in cols]))
 
 
 def _project(x, w_q, w_kv, cfg):

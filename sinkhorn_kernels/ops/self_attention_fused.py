@@ -70,10 +70,6 @@ class _Chunk:
         """The chunk's heads among the Sinkhorn heads (those of the null bucket's parameters)."""
         return slice(self.part.h0 - cfg.n_local, self.part.h1 - cfg.n_local)
 
-    def weights(self, cfg, w_q, w_kv):
-        """The chunk's q, k and v projection weights, stacked."""
-        return packed_weights(cfg, w_q, w_kv, [self.part])[0]
-
     def project(self, cfg, x, w):
         """The chunk's q, k, v ([B, n, T, D] views of one packed [B, T, 3, n, D] buffer, in its frame) from x and
         its packed weight w."""
@@ -123,8 +119,8 @@ class FusedSelfAttention(torch.autograd.Function):
         parts = [_Chunk(cfg, part, seeds[i:i + 1], null_k, null_v) for i, part in enumerate(cfg.chunks)]
         y = x.new_empty(*x.shape[:2], w_out.shape[0])
         routes = []
-        for i, c in enumerate(parts):
-            q, k, v = c.project(cfg, x, c.weights(cfg, w_q, w_kv))
+        for i, (c, w) in enumerate(zip(parts, packed_weights(cfg, w_q, w_kv, cfg.chunks))):
+            q, k, v = c.project(cfg, x, w)
             operands = c.operands(cfg, q, k, v)
             r = c.routes(cfg, q, k, operands[2])
             out, _ = c.attend(q, k, v, operands, r)
@@ -149,8 +145,7 @@ class FusedSelfAttention(torch.autograd.Function):
         d_null = None if null_k is None else null_k.new_empty(2, null_k.shape[0], null_k.shape[-1],
                                                                dtype=torch.float32)
         inner = cfg.heads * cfg.dim_head
-        for i, (c, r) in enumerate(zip(ctx.parts, routes)):
-            w = c.weights(cfg, w_q, w_kv)
+        for i, (c, r, w) in enumerate(zip(ctx.parts, routes, packed_weights(cfg, w_q, w_kv, cfg.chunks))):
             q, k, v = c.project(cfg, x, w)
             operands = c.operands(cfg, q, k, v)
             out, lse = c.attend(q, k, v, operands, r)
