@@ -212,7 +212,8 @@ class _Launch:
         self.modes = (FIRST, SUMMED) if causal else (NONE if self.sortcut else MEAN, MEAN)
         # the counts only where running means need them: one PyTorch op per mask
         counts = lambda m: m.cumsum(-1, dtype=torch.int32) if causal and m is not None else None
-        self.counts = (counts(q_mask), counts(kv_mask) if kv_mask is not q_mask else counts(q_mask))
+        q_counts = counts(q_mask)
+        self.counts = (q_counts, q_counts if kv_mask is q_mask else counts(kv_mask))
         self.masks = (q_mask, kv_mask)
         self.block_d = _pow2(self.D)
         self.meta = dict(MODE_Q=self.modes[0], MODE_K=self.modes[1], HAS_QMASK=q_mask is not None,
