@@ -8,9 +8,8 @@ forward routes and runs the block attention kernel; backward runs its backward k
 gradient back to the summaries by hand (`summary_routes_backward`), and adds the summaries' vector-Jacobian
 product into dq and dk in place (`add_sort_summaries_vjp`). On triton the summaries are kernels too. The kernels
 are the `torch.library` ops of `block_attention.fused`, `routing.fused` and `summaries.fused`, so torch.compile
-traces this Function around them. The layer op on
-the fused backends (`self_attention_fused`) runs the same steps (`route`, `attend`, `attend_backward`) on chunks
-of heads.
+traces this Function around them. The layer op on the fused backends (`self_attention_fused`) runs the same steps
+(`route`, `attend`, `attend_backward`) on chunks of heads.
 """
 import torch
 
