@@ -13,7 +13,7 @@ import os
 os.environ['TRITON_INTERPRET'] = '1'  # before triton is imported
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 from triton.runtime.interpreter import GridExecutor  # noqa: E402
 
@@ -49,7 +49,7 @@ class Tally:
 
     def install(self):
         """Counts Triton launches, and the ATen ops our launchers run (a custom op's body runs outside the
-        dispatch mode that sees the op)."""
+        dispatch mode that sees the op; the layer op calls some launchers directly)."""
         interpret = GridExecutor.__call__
 
         def launch(grid_executor, *args, **kwargs):
@@ -69,6 +69,8 @@ class Tally:
 
     def _inside(self, fn):
         def run(*args, **kwargs):
+            if isinstance(_get_current_dispatch_mode(), Census):  # called directly, not as a custom op: seen
+                return fn(*args, **kwargs)
             with Census(self):
                 return fn(*args, **kwargs)
         return run

@@ -70,14 +70,19 @@ class _Chunk:
         """The chunk's heads among the Sinkhorn heads (those of the null bucket's parameters)."""
         return slice(self.part.h0 - cfg.n_local, self.part.h1 - cfg.n_local)
 
-    def project(self, cfg, x, w):
-        """The chunk's q, k, v ([B, n, T, D] views of one packed [B, T, 3, n, D] buffer, in its frame) from x and
-        its packed weight w."""
+    def packed(self, cfg, x):
+        """A new [B, T, 3, n, D] buffer (laid out as the rows of the chunk's packed weight), and its three parts as
+        [B, n, T, D] views: q, k, v (or their gradients) in the chunk's frame."""
         B, T, _ = x.shape
-        qkv = x.new_empty(B, T, 3, self.n, cfg.dim_head)
-        for f, t in self.part.rows(qkv, x):
+        buf = x.new_empty(B, T, 3, self.n, cfg.dim_head)
+        return buf, [buf[:, :, i].transpose(1, 2) for i in range(3)]
+
+    def project(self, cfg, x, w):
+        """The chunk's q, k, v (see `packed`) from x and its packed weight w."""
+        buf, qkv = self.packed(cfg, x)
+        for f, t in self.part.rows(buf, x):
             torch.mm(t, w.t(), out=f)
-        return [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+        return qkv
 
     def operands(self, cfg, q, k, v):
         """(null_k, null_v, mask) as the kernels take them, checked."""
@@ -97,15 +102,16 @@ class _Chunk:
         null_k, null_v, mask = operands
         return attend(q, k, v, routes, null_k, null_v, mask, mask, self.seed, self.opts)
 
-    def backward(self, cfg, dout, q, k, v, out, lse, operands, routes):
-        """-> (dq, dk, dv, dnull): dnull [2, B, n, D] fp32, the null key's and value's gradients by batch (None
-        for local heads)."""
+    def backward(self, cfg, dout, q, k, v, out, lse, operands, routes, grads):
+        """Writes dq, dk, dv into `grads` (see `packed`) -> dnull [2, B, n, D] fp32, the null key's and value's
+        gradients by batch (None for local heads)."""
         null_k, null_v, mask = operands
         if not self.part.local:
-            return attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, mask, mask, self.seed, self.opts)
-        dq, dk, dv, _, _ = fused.block_attention_bwd(dout, q, k, v, out, lse, *routes, None, None, mask, mask,
-                                                     *self.opts['kernel'], self.seed, cfg.backend)
-        return dq, dk, dv, None
+            return attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, mask, mask, self.seed, self.opts,
+                                   grads)[3]
+        fused.kernels(cfg.backend).backward(dout, q, k, v, out, lse, *routes, None, None, mask, mask,
+                                            *self.opts['kernel'], self.seed, grads=grads)
+        return None
 
 
 class FusedSelfAttention(torch.autograd.Function):
@@ -155,18 +161,20 @@ class FusedSelfAttention(torch.autograd.Function):
                 d_w[2][:, cols].addmm_(t.t(), f)
             for f, t in c.part.rows(dout, dy):
                 torch.mm(t, w_out[:, cols], out=f)
-            grads = c.backward(cfg, dout.transpose(1, 2), q, k, v, out, lse, operands, r)
+            d_qkv, grads = c.packed(cfg, x)
+            dnull = c.backward(cfg, dout.transpose(1, 2), q, k, v, out, lse, operands, r, grads)
             del q, k, v, out, lse, dout
             weights = (d_w[0][cols], d_w[1][:inner][cols], d_w[1][inner:][cols])
-            for j, (g, w_j, d_wj) in enumerate(zip(grads[:3], w.chunk(3), weights)):
+            for g, d_wj in zip(grads, weights):
                 for f, t in c.part.rows(g.transpose(1, 2), x):
                     d_wj.addmm_(f.t(), t)
-                # the first chunk has no shift: its one pair of row blocks writes every row of dx
-                for f, t in c.part.rows(g.transpose(1, 2), dx):
-                    t.addmm_(f, w_j, beta=0 if i == j == 0 else 1)
-            if d_null is not None and grads[3] is not None:
-                torch.sum(grads[3], dim=1, out=d_null[:, c.sinkhorn(cfg)])
-            del grads, g  # before the next chunk's buffers are made
+            # dq, dk, dv lie in one buffer as the weight's rows do: one GEMM; the first chunk has no shift, so its
+            # one pair of row blocks writes every row of dx
+            for f, t in c.part.rows(d_qkv, dx):
+                t.addmm_(f, w, beta=0 if i == 0 else 1)
+            if d_null is not None and dnull is not None:
+                torch.sum(dnull, dim=1, out=d_null[:, c.sinkhorn(cfg)])
+            del d_qkv, grads, g, dnull  # before the next chunk's buffers are made
         if d_null is not None:
             d_null = [d.view_as(t).to(t.dtype) for d, t in zip(d_null, (null_k, null_v))]
         return dx, *d_w, dy.sum(dim=(0, 1)), *(d_null or (None, None)), None

@@ -33,9 +33,10 @@ def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n
 
 
 def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads,
-             scale, dropout_p, seed):
+             scale, dropout_p, seed, grads=None):
+    """As the triton backend's `backward`."""
     _no_dropout(dropout_p)
-    buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs)
+    buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs, grads=grads)
     pointer = lambda t: 0 if t is None else t.data_ptr()
     load().block_attention_backward(
         _args(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale),

@@ -21,10 +21,10 @@ def reverse_index(idx, Nk):
 class BackwardBuffers:
     """What both fused backward passes need: delta = rowsum(dout * out) fp32 [B, H, T], the reverse index
     (`reverse_index`; with `by_kernels` these two are only allocated, for the backend's kernels to write), and the
-    gradients to fill (dq, dk, dv like their inputs; dw fp32 like the routes; dnull fp32 [2, B, H, D] or None, the
-    null key's and value's, also as its halves dnull_k, dnull_v)."""
+    gradients to fill (dq, dk, dv like their inputs, or the caller's `grads`; dw fp32 like the routes; dnull fp32
+    [2, B, H, D] or None, the null key's and value's, also as its halves dnull_k, dnull_v)."""
 
-    def __init__(self, dout, q, k, v, out, idx, null_k, kv_bucket_size, by_kernels=False):
+    def __init__(self, dout, q, k, v, out, idx, null_k, kv_bucket_size, by_kernels=False, grads=None):
         B, H, T, D = q.shape
         Nk = k.shape[2] // kv_bucket_size
         if by_kernels:
@@ -35,8 +35,7 @@ class BackwardBuffers:
         else:
             self.delta = (dout.float() * out.float()).sum(-1).contiguous()
             self.readers, self.start, self.count = reverse_index(idx, Nk)
-        self.dq = new_output(torch.empty_like(q))
-        self.dk, self.dv = new_output(torch.empty_like(k)), new_output(torch.empty_like(v))
+        self.dq, self.dk, self.dv = grads or [new_output(torch.empty_like(t)) for t in (q, k, v)]
         self.dw = new_output(torch.empty(idx.shape, device=q.device, dtype=torch.float32))
         self.dnull = None if null_k is None else new_output(torch.empty(2, B, H, D, device=q.device,
                                                                         dtype=torch.float32))

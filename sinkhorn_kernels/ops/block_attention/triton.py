@@ -419,10 +419,11 @@ def forward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n
 
 
 def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads,
-             scale, dropout_p, seed):
-    """-> (dq, dk, dv, dw [B, H, Nq, R] fp32, dnull [2, B, H, D] fp32 (the null key's, the null value's) or None)."""
+             scale, dropout_p, seed, grads=None):
+    """-> (dq, dk, dv, dw [B, H, Nq, R] fp32, dnull [2, B, H, D] fp32 (the null key's, the null value's) or None);
+    `grads`: the dq, dk, dv to write (any strides), else new ones."""
     L = Launch(q, k, idx, null_k, q_mask, kv_mask, bs, kbs, causal, n_rotated_heads, scale, dropout_p, seed)
-    buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs, by_kernels=True)
+    buf = BackwardBuffers(dout, q, k, v, out, idx, null_k, kbs, by_kernels=True, grads=grads)
     E = L.Nq * L.R
     write_reverse_index(idx, buf.readers, buf.start, buf.count, L.Nk)
     has_null = null_k is not None
