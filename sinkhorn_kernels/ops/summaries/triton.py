@@ -87,32 +87,30 @@ def _parts(Q, QM, QC, SQ, QTOT, QPART, QWGT, K, KM, KC, SK, KTOT, KPART, KWGT, H
 
 
 @triton.jit
-def _scan_prefix(OUT, TOT, PART, WGT, g, d0, N, D, MODE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+def _scan_prefix(OUT, TOT, PART, WGT, g, d0, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """out_c = P_c * W_c + part_c over the buckets in order, P carried from step to step."""
-    if MODE >= FIRST:
-        dims, steps = d0 + tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
-        carry = tl.zeros([BLOCK_D], tl.float32)
-        for c0 in range(0, N, BLOCK_N):
-            c = c0 + steps
-            ok = (c[:, None] < N) & (dims[None, :] < D)
-            at = (g * N + c[:, None]) * D + dims[None, :]
-            total = tl.load(TOT + at, mask=ok, other=0.0)
-            before = carry[None, :] + tl.cumsum(total, axis=0) - total
-            w = tl.load(WGT + g * N + c, mask=c < N, other=0.0)
-            out = before * w[:, None] + tl.load(PART + at, mask=ok, other=0.0)
-            tl.store(OUT + at, out.to(OUT.dtype.element_ty), mask=ok)
-            carry += tl.sum(total, axis=0)
+    dims, steps = d0 + tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    carry = tl.zeros([BLOCK_D], tl.float32)
+    for c0 in range(0, N, BLOCK_N):
+        c = c0 + steps
+        ok = (c[:, None] < N) & (dims[None, :] < D)
+        at = (g * N + c[:, None]) * D + dims[None, :]
+        total = tl.load(TOT + at, mask=ok, other=0.0)
+        before = carry[None, :] + tl.cumsum(total, axis=0) - total
+        w = tl.load(WGT + g * N + c, mask=c < N, other=0.0)
+        out = before * w[:, None] + tl.load(PART + at, mask=ok, other=0.0)
+        tl.store(OUT + at, out.to(OUT.dtype.element_ty), mask=ok)
+        carry += tl.sum(total, axis=0)
 
 
 @triton.jit
-def _combine(SQ, QTOT, QPART, QWGT, SK, KTOT, KPART, KWGT, Nq, Nk, D, MODE_Q: tl.constexpr, MODE_K: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine(SQ, QTOT, QPART, QWGT, SK, KTOT, KPART, KWGT, Nq, Nk, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Causal only (the scans' one caller), so both tensors have running means."""
     g, d0 = tl.program_id(0), tl.program_id(1) * BLOCK_D
     if tl.program_id(2) == 0:
-        _scan_prefix(SQ, QTOT, QPART, QWGT, g, d0, Nq, D, MODE_Q, BLOCK_N, BLOCK_D)
+        _scan_prefix(SQ, QTOT, QPART, QWGT, g, d0, Nq, D, BLOCK_N, BLOCK_D)
     else:
-        _scan_prefix(SK, KTOT, KPART, KWGT, g, d0, Nk, D, MODE_K, BLOCK_N, BLOCK_D)
+        _scan_prefix(SK, KTOT, KPART, KWGT, g, d0, Nk, D, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -126,35 +124,33 @@ def _bucket_weights(CNT, b, h, scb, sch, c, N, BS, HAS_MASK: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _scan_later(DS, LATER, CNT, g, d0, H, N, BS, D, scb, sch, MODE: tl.constexpr, HAS_MASK: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _scan_later(DS, LATER, CNT, g, d0, H, N, BS, D, scb, sch, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """later_c = sum over the buckets after c of d_c' * W_c', from the last bucket back."""
-    if MODE >= FIRST:
-        b, h = g // H, g % H
-        dims, steps = d0 + tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
-        carry = tl.zeros([BLOCK_D], tl.float32)
-        n_steps = tl.cdiv(N, BLOCK_N)
-        for i in range(n_steps):
-            c = (n_steps - 1 - i) * BLOCK_N + steps
-            ok = (c[:, None] < N) & (dims[None, :] < D)
-            at = (g * N + c[:, None]) * D + dims[None, :]
-            w = _bucket_weights(CNT, b, h, scb, sch, c, N, BS, HAS_MASK, BLOCK_T)
-            gw = tl.load(DS + at, mask=ok, other=0.0).to(tl.float32) * w[:, None]
-            step_total = tl.sum(gw, axis=0)
-            tl.store(LATER + at, carry[None, :] + step_total[None, :] - tl.cumsum(gw, axis=0), mask=ok)
-            carry += step_total
+    b, h = g // H, g % H
+    dims, steps = d0 + tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    carry = tl.zeros([BLOCK_D], tl.float32)
+    n_steps = tl.cdiv(N, BLOCK_N)
+    for i in range(n_steps):
+        c = (n_steps - 1 - i) * BLOCK_N + steps
+        ok = (c[:, None] < N) & (dims[None, :] < D)
+        at = (g * N + c[:, None]) * D + dims[None, :]
+        w = _bucket_weights(CNT, b, h, scb, sch, c, N, BS, HAS_MASK, BLOCK_T)
+        gw = tl.load(DS + at, mask=ok, other=0.0).to(tl.float32) * w[:, None]
+        step_total = tl.sum(gw, axis=0)
+        tl.store(LATER + at, carry[None, :] + step_total[None, :] - tl.cumsum(gw, axis=0), mask=ok)
+        carry += step_total
 
 
 @triton.jit
-def _later(DSQ, QLATER, QC, DSK, KLATER, KC, H, Nq, Nk, BS, KBS, D, sqcb, sqch, skcb, skch, MODE_Q: tl.constexpr,
-           MODE_K: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_TK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _later(DSQ, QLATER, QC, DSK, KLATER, KC, H, Nq, Nk, BS, KBS, D, sqcb, sqch, skcb, skch, HAS_QMASK: tl.constexpr,
+           HAS_KVMASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Causal only, as `_combine`: the query's W reads one count a bucket, the key's a whole bucket's."""
     g, d0 = tl.program_id(0), tl.program_id(1) * BLOCK_D
     if tl.program_id(2) == 0:
-        _scan_later(DSQ, QLATER, QC, g, d0, H, Nq, BS, D, sqcb, sqch, MODE_Q, HAS_QMASK, BLOCK_N, 1, BLOCK_D)
+        _scan_later(DSQ, QLATER, QC, g, d0, H, Nq, BS, D, sqcb, sqch, HAS_QMASK, BLOCK_N, 1, BLOCK_D)
     else:
-        _scan_later(DSK, KLATER, KC, g, d0, H, Nk, KBS, D, skcb, skch, MODE_K, HAS_KVMASK, BLOCK_N, BLOCK_TK,
-                    BLOCK_D)
+        _scan_later(DSK, KLATER, KC, g, d0, H, Nk, KBS, D, skcb, skch, HAS_KVMASK, BLOCK_N, BLOCK_TK, BLOCK_D)
 
 
 @triton.jit
@@ -203,20 +199,20 @@ def _pow2(x):
 
 
 class _Launch:
-    """Sizes, modes, masks and their counts of one call: `tensors` are q and k (or dq and dk)."""
+    """Sizes, modes, masks and their counts of one call, on q and k (or dq and dk)."""
 
     def __init__(self, q, k, q_mask, kv_mask, bs, kbs, causal, n_sortcut):
         self.B, self.H, Tq, self.D = q.shape
         self.Nq, self.Nk = Tq // bs, k.shape[2] // kbs
         self.sortcut = bool(n_sortcut) and not causal
-        self.modes = (FIRST, SUMMED) if causal else (NONE if self.sortcut else MEAN, MEAN)
+        modes = (FIRST, SUMMED) if causal else (NONE if self.sortcut else MEAN, MEAN)
         # the counts only where running means need them: one PyTorch op per mask
         counts = lambda m: m.cumsum(-1, dtype=torch.int32) if causal and m is not None else None
         q_counts = counts(q_mask)
         self.counts = (q_counts, q_counts if kv_mask is q_mask else counts(kv_mask))
         self.masks = (q_mask, kv_mask)
         self.block_d = _pow2(self.D)
-        self.meta = dict(MODE_Q=self.modes[0], MODE_K=self.modes[1], HAS_QMASK=q_mask is not None,
+        self.meta = dict(MODE_Q=modes[0], MODE_K=modes[1], HAS_QMASK=q_mask is not None,
                          HAS_KVMASK=kv_mask is not None)
         self.tiles = dict(BLOCK_TQ=_pow2(bs), BLOCK_TK=_pow2(kbs), BLOCK_D=self.block_d,
                           num_warps=4 if max(_pow2(bs), _pow2(kbs)) * self.block_d <= 64 * 64 else 8)
@@ -252,8 +248,8 @@ def forward(q, k, q_mask, kv_mask, bs, kbs, causal, n_sortcut):
                                     *q.stride(), *k.stride(), *mask_strides, *count_strides, **L.meta, **L.tiles)
     if causal:
         grid, block = L.scan_grid()
-        _combine[grid](sq, qtot, qpart, qw, sk, ktot, kpart, kw, L.Nq, L.Nk, D, MODE_Q=L.modes[0],
-                       MODE_K=L.modes[1], BLOCK_N=BUCKETS_PER_STEP, BLOCK_D=block)
+        _combine[grid](sq, qtot, qpart, qw, sk, ktot, kpart, kw, L.Nq, L.Nk, D, BLOCK_N=BUCKETS_PER_STEP,
+                       BLOCK_D=block)
     if L.sortcut:
         sq = masked_bucket_mean(zero_masked(q, q_mask), q_mask, 1)
     return sq, sk
@@ -271,8 +267,9 @@ def add_vjp(d_sq, d_sk, dq, dk, q_mask, kv_mask, bs, kbs, causal, n_sortcut):
         q_later, k_later = carve(new_output(dq.new_empty(G * D * (L.Nq + L.Nk), dtype=torch.float32)),
                                  [(G, L.Nq, D), (G, L.Nk, D)])
         grid, block = L.scan_grid()
-        _later[grid](d_sq, q_later, qc, d_sk, k_later, kc, *L.sizes, *count_strides, **L.meta,
-                     BLOCK_N=BUCKETS_PER_STEP, BLOCK_TK=L.tiles['BLOCK_TK'], BLOCK_D=block)
+        _later[grid](d_sq, q_later, qc, d_sk, k_later, kc, *L.sizes, *count_strides, HAS_QMASK=q_mask is not None,
+                     HAS_KVMASK=kv_mask is not None, BLOCK_N=BUCKETS_PER_STEP, BLOCK_TK=L.tiles['BLOCK_TK'],
+                     BLOCK_D=block)
     _add_vjp[(max(L.Nq, L.Nk), G, 2)](d_sq, q_later, dq, qm, qc, d_sk, k_later, dk, km, kc, *L.sizes, *dq.stride(),
                                       *dk.stride(), *mask_strides, *count_strides, **L.meta, **L.tiles)
     if L.sortcut:
