@@ -35,7 +35,7 @@ from .block_attention import cpu as cpu_kernel
 from .block_attention import dropout_seed, local_routes, with_own_bucket
 from .block_attention import reference as blocks
 from .cpu_extension import on_huge_pages
-from .outputs import carve
+from .outputs import carve, new_output
 from .sinkhorn_attention import (SORT_NET_TEMPERATURE, empty_key_buckets, routes_per_query_bucket, summary_routes,
                                  summary_routes_backward)
 from .summaries import add_sort_summaries_vjp, sort_summaries
@@ -135,9 +135,36 @@ def packed_weights(cfg, w_q, w_kv, groups):
     """Each group's q, k and v projection weights, stacked: row blocks of one buffer made by one cat (rebuilt in
     backward rather than kept)."""
     inner = _inner(cfg)
-    cols = [head_columns(cfg, g) for g in groups]
-    stacked = torch.cat([w[c] for c in cols for w in (w_q, w_kv[:inner], w_kv[inner:])])
-    return list(stacked.split([3 * (c.stop - c.start) for c in cols]))
+    stacked = torch.cat([w[head_columns(cfg, g)] for g in groups for w in (w_q, w_kv[:inner], w_kv[inner:])])
+    return list(stacked.split(_packed_rows(cfg, groups)))
+
+
+def packed_weight_grads(cfg, w_q, groups):
+    """Each group's packed weight's gradient (laid out as `packed_weights`), rows of one new buffer, to be written
+    whole; `unpack_weight_grads` makes them the q and kv projections' gradients."""
+    return list(new_output(w_q.new_empty(3 * _inner(cfg), w_q.shape[1])).split(_packed_rows(cfg, groups)))
+
+
+def unpack_weight_grads(cfg, d_packed):
+    """(d_w_q, d_w_kv) from the groups' `packed_weight_grads`: views of them when one group holds every head (its
+    rows are q's, k's, v's in order), else one cat."""
+    if len(d_packed) == 1:
+        d = d_packed[0]
+    else:
+        parts = [d.view(3, -1, d.shape[-1]) for d in d_packed]
+        d = torch.cat([p[i] for i in range(3) for p in parts])
+    inner = _inner(cfg)
+    return d[:inner], d[inner:]
+
+
+def _packed_rows(cfg, groups):
+    return [3 * (g.h1 - g.h0) * cfg.dim_head for g in groups]
+
+
+def write_sum(dst, products):
+    """dst = the sum of a @ b over the pairs (a, b); what dst held before, even NaN, is not read."""
+    for j, (a, b) in enumerate(products):
+        dst.addmm_(a, b, beta=0 if j == 0 else 1)
 
 
 def _project(x, w_q, w_kv, cfg):
@@ -327,18 +354,12 @@ def _kernel_backward(cfg, routes, chunk, queries, null_k, null_v, scratch, dw, d
 def _input_backward(cfg, qkv, x, w_q, w_kv):
     """dx and the q and kv projections' weight gradients from the packed gradients of their outputs."""
     dx = on_huge_pages(x.new_empty(x.shape))
-    d_q, d_kv = torch.zeros_like(w_q), torch.zeros_like(w_kv)
-    inner = _inner(cfg)
-    for i, (g, buf, w) in enumerate(zip(cfg.groups, qkv, packed_weights(cfg, w_q, w_kv, cfg.groups))):
-        d_packed = torch.zeros_like(w)
-        for f, t in g.rows(buf, x):
-            d_packed.addmm_(f.t(), t)
+    d_packed = packed_weight_grads(cfg, w_q, cfg.groups)
+    for i, (g, buf, w, d) in enumerate(zip(cfg.groups, qkv, packed_weights(cfg, w_q, w_kv, cfg.groups), d_packed)):
+        write_sum(d, [(f.t(), t) for f, t in g.rows(buf, x)])
         for f, t in g.rows(buf, dx):
             t.addmm_(f, w, beta=0 if i == 0 else 1)  # the first group's single pair covers every row of dx
-        dq_g, dk_g, dv_g = d_packed.chunk(3)
-        cols = head_columns(cfg, g)
-        d_q[cols], d_kv[:inner][cols], d_kv[inner:][cols] = dq_g, dk_g, dv_g
-    return dx, d_q, d_kv
+    return dx, *unpack_weight_grads(cfg, d_packed)
 
 
 def _output_backward(cfg, qkv, dy, w_out, scratch):

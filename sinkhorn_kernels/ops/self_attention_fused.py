@@ -15,7 +15,9 @@ buffers in eager code.
 import torch
 
 from .block_attention import dropout_seed, fused, fused_operands, fused_routes
-from .self_attention import Group, head_columns, packed_weights, project_out
+from .outputs import new_output
+from .self_attention import (Group, head_columns, packed_weight_grads, packed_weights, project_out,
+                             unpack_weight_grads, write_sum)
 from .topk_attention import attend, attend_backward, route, topk_options
 
 
@@ -74,7 +76,7 @@ class _Chunk:
         """A new [B, T, 3, n, D] buffer (laid out as the rows of the chunk's packed weight), and its three parts as
         [B, n, T, D] views: q, k, v (or their gradients) in the chunk's frame."""
         B, T, _ = x.shape
-        buf = x.new_empty(B, T, 3, self.n, cfg.dim_head)
+        buf = new_output(x.new_empty(B, T, 3, self.n, cfg.dim_head))
         return buf, [buf[:, :, i].transpose(1, 2) for i in range(3)]
 
     def project(self, cfg, x, w):
@@ -123,7 +125,7 @@ class FusedSelfAttention(torch.autograd.Function):
         # a seed per chunk: chunks number their heads from 0, so one seed would give every chunk the same masks
         seeds = dropout_seed(cfg.dropout_p, x.device, len(cfg.chunks))
         parts = [_Chunk(cfg, part, seeds[i:i + 1], null_k, null_v) for i, part in enumerate(cfg.chunks)]
-        y = x.new_empty(*x.shape[:2], w_out.shape[0])
+        y = new_output(x.new_empty(*x.shape[:2], w_out.shape[0]))
         routes = []
         for i, (c, w) in enumerate(zip(parts, packed_weights(cfg, w_q, w_kv, cfg.chunks))):
             q, k, v = c.project(cfg, x, w)
@@ -144,38 +146,35 @@ class FusedSelfAttention(torch.autograd.Function):
         at = [sum(ctx.n_routes[:i]) for i in range(len(ctx.n_routes) + 1)]
         routes = [flat[a:b] for a, b in zip(at, at[1:])]
         dy = dy.contiguous()  # a copy only of an expanded gradient (a sum's), which the GEMMs cannot read by rows
-        dx = torch.empty_like(x)
-        d_w = [torch.zeros_like(w) for w in (w_q, w_kv, w_out)]
+        dx = new_output(torch.empty_like(x))
+        # each chunk writes its own rows of the packed weights' gradient and its own columns of w_out's
+        d_w_packed, d_w_out = packed_weight_grads(cfg, w_q, cfg.chunks), new_output(torch.empty_like(w_out))
         # the null key's and value's gradients, each chunk's summed over the batch into its heads' rows (every
         # Sinkhorn head is in some chunk), in fp32 until the end
         d_null = None if null_k is None else null_k.new_empty(2, null_k.shape[0], null_k.shape[-1],
                                                                dtype=torch.float32)
-        inner = cfg.heads * cfg.dim_head
         for i, (c, r, w) in enumerate(zip(ctx.parts, routes, packed_weights(cfg, w_q, w_kv, cfg.chunks))):
             q, k, v = c.project(cfg, x, w)
             operands = c.operands(cfg, q, k, v)
             out, lse = c.attend(q, k, v, operands, r)
             cols = head_columns(cfg, c.part)
-            dout = torch.empty_like(out.transpose(1, 2))
-            for f, t in c.part.rows(out.transpose(1, 2), dy):
-                d_w[2][:, cols].addmm_(t.t(), f)
+            dout = new_output(torch.empty_like(out.transpose(1, 2)))
+            write_sum(d_w_out[:, cols], [(t.t(), f) for f, t in c.part.rows(out.transpose(1, 2), dy)])
             for f, t in c.part.rows(dout, dy):
                 torch.mm(t, w_out[:, cols], out=f)
             d_qkv, grads = c.packed(cfg, x)
             dnull = c.backward(cfg, dout.transpose(1, 2), q, k, v, out, lse, operands, r, grads)
             del q, k, v, out, lse, dout
-            weights = (d_w[0][cols], d_w[1][:inner][cols], d_w[1][inner:][cols])
-            for g, d_wj in zip(grads, weights):
-                for f, t in c.part.rows(g.transpose(1, 2), x):
-                    d_wj.addmm_(f.t(), t)
-            # dq, dk, dv lie in one buffer as the weight's rows do: one GEMM; the first chunk has no shift, so its
-            # one pair of row blocks writes every row of dx
+            # dq, dk, dv lie in one buffer as the weight's rows do: one GEMM for the weight's gradient, one for dx;
+            # the first chunk has no shift, so its one pair of row blocks writes every row of dx
+            write_sum(d_w_packed[i], [(f.t(), t) for f, t in c.part.rows(d_qkv, x)])
             for f, t in c.part.rows(d_qkv, dx):
                 t.addmm_(f, w, beta=0 if i == 0 else 1)
             if d_null is not None and dnull is not None:
                 torch.sum(dnull, dim=1, out=d_null[:, c.sinkhorn(cfg)])
-            del d_qkv, grads, g, dnull  # before the next chunk's buffers are made
+            del d_qkv, grads, dnull  # before the next chunk's buffers are made
         if d_null is not None:
             d_null = [d.view_as(t).to(t.dtype) for d, t in zip(d_null, (null_k, null_v))]
-        return dx, *d_w, dy.sum(dim=(0, 1)), *(d_null or (None, None)), None
+        return (dx, *unpack_weight_grads(cfg, d_w_packed), d_w_out, dy.sum(dim=(0, 1)), *(d_null or (None, None)),
+                None)
 
