@@ -20,6 +20,7 @@ from triton.runtime.interpreter import GridExecutor  # noqa: E402
 import sinkhorn_kernels as sk  # noqa: E402
 from sinkhorn_kernels.ops.block_attention import triton as block_attention_kernels  # noqa: E402
 from sinkhorn_kernels.ops.routing import triton as routing_kernels  # noqa: E402
+from sinkhorn_kernels.ops.summaries import triton as summary_kernels  # noqa: E402
 
 NOT_LAUNCHES = {'view', 't', 'permute', 'detach', 'expand', '_unsafe_view', 'slice', 'unsqueeze', 'alias',
                 'transpose', 'squeeze', 'select', 'split', 'split_with_sizes', 'as_strided', 'unbind', 'reshape',
@@ -35,7 +36,10 @@ class Census(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name not in NOT_LAUNCHES and func.namespace != 'sinkhorn_kernels' and not self.tally.interpreting:
+        # inside a custom op `to` and `contiguous` reach the mode, and may return their input: no launch
+        returns_input = bool(args) and out is args[0] and not name.endswith('_')
+        if (name not in NOT_LAUNCHES and func.namespace != 'sinkhorn_kernels' and not self.tally.interpreting
+                and not returns_input):
             self.tally.ops[name] += 1
             written = out if not name.endswith('_') else args[0]  # in place: the tensor it writes
             self.tally.bytes += sum(t.numel() * t.element_size() for t in tree_flatten(written)[0]
@@ -63,8 +67,9 @@ class Tally:
                 self.interpreting = False
 
         GridExecutor.__call__ = launch
-        for module in (block_attention_kernels, routing_kernels):
-            for name in ('forward', 'backward'):
+        for module, names in ((block_attention_kernels, ('forward', 'backward')),
+                              (routing_kernels, ('forward', 'backward')), (summary_kernels, ('forward', 'add_vjp'))):
+            for name in names:
                 setattr(module, name, self._inside(getattr(module, name)))
 
     def _inside(self, fn):
