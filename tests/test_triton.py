@@ -210,6 +210,38 @@ def test_sort_summaries_kernels(causal, n_sortcut, masked, T, bs, kbs, dtype):
     check(ours, exact, run('reference', dtype), dtype, ['sq', 'sk', 'dq', 'dk'])
 
 
+class _Grids:
+    """A kernel whose launches record their grids."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize('causal,masked', [(False, False), (False, True), (True, True)])
+def test_sort_summaries_vjp_kernels_into_one_tensor(causal, masked, monkeypatch):
+    """The layer op adds both summaries' vector-Jacobian products into one tensor, dx: q's and k's programs must
+    then take a launch each (in one they would add into the same rows at once, which the interpreter, running
+    programs one by one, cannot show), and the sum is the reference's."""
+    from sinkhorn_kernels.ops.summaries import add_sort_summaries_vjp
+    from sinkhorn_kernels.ops.summaries import triton as kernels
+    B, H, T, D, bs = 2, 3, 40, 12, 5
+    mask = (torch.rand(B, 1, T) > 0.3).expand(B, H, T) if masked else None
+    opts = dict(bucket_size=bs, kv_bucket_size=bs, causal=causal, q_mask=mask, kv_mask=mask)
+    d_sq, d_sk = torch.randn(2, B, H, T // bs, D).unbind(0)
+    dx = torch.randn(B, T, H, D).transpose(1, 2)
+    grids = []
+    monkeypatch.setattr(kernels, '_add_vjp', _Grids(kernels._add_vjp, grids))
+    ours, expected = dx.clone(), dx.clone()
+    add_sort_summaries_vjp(d_sq, d_sk, ours, ours, **opts, backend='triton')
+    add_sort_summaries_vjp(d_sq, d_sk, expected, expected, **opts)
+    assert [grid[2] for grid in grids] == [1, 1]
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_custom_ops_pass_opcheck():
     """torch.library.opcheck (schema and mutations, fake tensors, autograd registration, AOT dispatch) on every
     custom op of the triton backend, with the arguments a layer step gives it: causal with padding and dropout,

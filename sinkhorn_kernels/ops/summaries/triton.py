@@ -1,5 +1,5 @@
 """The sort net's summaries in Triton: two launches forward and two backward for q and k together, where PyTorch
-runs some thirty small ops for the causal running means (the layer op runs them once per chunk of heads).
+runs some thirty small ops for the causal running means.
 
 With x the masked vectors, P_c the sum of x over the buckets before c and count_t the real tokens up to t:
   causal query (f = the bucket's first token):  sq_c = (P_c + x_f) / count_f
@@ -181,11 +181,12 @@ def _bucket_vjp(DS, LATER, DX, M, CNT, g, c, H, N, BS, D, sxb, sxh, sxt, sxd, sm
 
 @triton.jit
 def _add_vjp(DSQ, QLATER, DQ, QM, QC, DSK, KLATER, DK, KM, KC, H, Nq, Nk, BS, KBS, D,
-             sqb, sqh, sqt, sqd, skb, skh, skt, skd, sqmb, sqmh, skmb, skmh, sqcb, sqch, skcb, skch,
+             sqb, sqh, sqt, sqd, skb, skh, skt, skd, sqmb, sqmh, skmb, skmh, sqcb, sqch, skcb, skch, first_side,
              MODE_Q: tl.constexpr, MODE_K: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_KVMASK: tl.constexpr,
              BLOCK_TQ: tl.constexpr, BLOCK_TK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The third grid axis from `first_side` on: 0 adds into dq, 1 into dk."""
     c, g = tl.program_id(0), tl.program_id(1)
-    if tl.program_id(2) == 0:
+    if tl.program_id(2) + first_side == 0:
         if MODE_Q != NONE:
             _bucket_vjp(DSQ, QLATER, DQ, QM, QC, g, c, H, Nq, BS, D, sqb, sqh, sqt, sqd, sqmb, sqmh, sqcb, sqch,
                         MODE_Q, HAS_QMASK, BLOCK_TQ, BLOCK_D)
@@ -256,8 +257,8 @@ def forward(q, k, q_mask, kv_mask, bs, kbs, causal, n_sortcut):
 
 
 def add_vjp(d_sq, d_sk, dq, dk, q_mask, kv_mask, bs, kbs, causal, n_sortcut):
-    """Adds `forward`'s vector-Jacobian product for d_sq, d_sk into dq, dk ([B, H, T, D] of any strides) in place,
-    as `reference.add_sort_summaries_vjp`."""
+    """Adds `forward`'s vector-Jacobian product for d_sq, d_sk into dq, dk ([B, H, T, D] of any strides, disjoint
+    or one tensor) in place, as `reference.add_sort_summaries_vjp`."""
     L = _Launch(dq, dk, q_mask, kv_mask, bs, kbs, causal, n_sortcut)
     G, D = L.B * L.H, L.D
     d_sq, d_sk = d_sq.contiguous(), d_sk.contiguous()
@@ -270,7 +271,11 @@ def add_vjp(d_sq, d_sk, dq, dk, q_mask, kv_mask, bs, kbs, causal, n_sortcut):
         _later[grid](d_sq, q_later, qc, d_sk, k_later, kc, *L.sizes, *count_strides, HAS_QMASK=q_mask is not None,
                      HAS_KVMASK=kv_mask is not None, BLOCK_N=BUCKETS_PER_STEP, BLOCK_TK=L.tiles['BLOCK_TK'],
                      BLOCK_D=block)
-    _add_vjp[(max(L.Nq, L.Nk), G, 2)](d_sq, q_later, dq, qm, qc, d_sk, k_later, dk, km, kc, *L.sizes, *dq.stride(),
-                                      *dk.stride(), *mask_strides, *count_strides, **L.meta, **L.tiles)
+    # dq and dk may be one tensor (the layer op adds both into dx): q's and k's programs would then add into the
+    # same rows at once, so they take a launch each
+    for n_sides, first in ([(1, 0), (1, 1)] if dq.data_ptr() == dk.data_ptr() else [(2, 0)]):
+        _add_vjp[(max(L.Nq, L.Nk), G, n_sides)](d_sq, q_later, dq, qm, qc, d_sk, k_later, dk, km, kc, *L.sizes,
+                                                *dq.stride(), *dk.stride(), *mask_strides, *count_strides, first,
+                                                **L.meta, **L.tiles)
     if L.sortcut:
         add_bucket_mean_vjp(d_sq, dq, q_mask, 1)
