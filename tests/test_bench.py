@@ -59,9 +59,9 @@ def benchmark_script(name, *args):
 @pytest.mark.skipif(torch.cuda.is_available(), reason='counts through the Triton interpreter')
 def test_launch_census_counts_a_layer_step():
     out = benchmark_script('launch_census.py', '--seq-len', '256', '--causal')
-    # per group of heads (causal: the rotated and the others): summaries (two kernels each way), routing and
-    # attention, forward and back (with the forward again), the reverse index, and the dK/dV kernel's plan and
-    # partial sums
+    # per group of heads (causal: the rotated and the others; one chunk each, which routes from its own q and k):
+    # summaries (two kernels each way), routing and attention, forward and back (with the forward again), the
+    # reverse index, and the dK/dV kernel's plan and partial sums
     assert 'ATen ops and 26 Triton launches' in out
     assert 'mm ' in out.splitlines()[1] and '_reverse_index 2' in out.splitlines()[2]
 

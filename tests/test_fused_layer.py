@@ -235,6 +235,25 @@ def test_fused_layer_on_triton_equals_composed_ops(cfg, monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize('cfg', [dict(), dict(causal=True), dict(n_sortcut=2)], ids=str)
+def test_fused_layer_on_triton_routes_groups_of_several_chunks_from_x(cfg, monkeypatch):
+    """A group of heads run in several chunks routes from the summaries of x, which the summary kernels take as
+    heads of at most SUMMARY_DIMS dims (264 = 3 x 88), and takes the routes' gradient to dx and the weights."""
+    from sinkhorn_kernels.ops import self_attention_fused
+    assert self_attention_fused.x_heads(264) == 3
+    monkeypatch.setattr(self_attention_fused, 'chunk_heads', lambda x, dim_head: 1)
+    routed = []
+    route = self_attention_fused._Routing.route
+    monkeypatch.setattr(self_attention_fused._Routing, 'route', lambda *a: routed.append(1) or route(*a))
+    layer = SinkhornSelfAttention(264, 4, 16, heads=4, dim_head=8, **cfg)
+    x = torch.randn(2, 16, 264, requires_grad=True)
+    mask = padded(2, T=16)
+    fused = on_triton(layer, x, mask, True, monkeypatch)
+    assert len(routed) == (2 if cfg.get('causal') else 1)
+    assert_results_equal(fused, on_triton(layer, x, mask, False, monkeypatch), atol=2e-5, rtol=1e-5)
+
+
+@needs_triton
 @pytest.mark.parametrize('cfg', [dict(), dict(causal=True, n_local_attn_heads=1)], ids=str)
 def test_fused_layer_on_triton_in_fp16_keeps_to_the_rule(cfg, monkeypatch):
     """fp16 against the fp64 reference: at most twice the composed ops' error on the same kernels."""

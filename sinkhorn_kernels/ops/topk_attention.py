@@ -8,8 +8,8 @@ forward routes and runs the block attention kernel; backward runs its backward k
 gradient back to the summaries by hand (`summary_routes_backward`), and adds the summaries' vector-Jacobian
 product into dq and dk in place (`add_sort_summaries_vjp`). On triton the summaries are kernels too. The kernels
 are the `torch.library` ops of `block_attention.fused`, `routing.fused` and `summaries.fused`, so torch.compile
-traces this Function around them. The layer op on the fused backends (`self_attention_fused`) runs the same steps
-(`route`, `attend`, `attend_backward`) on chunks of heads.
+traces this Function around them. The layer op on the fused backends (`self_attention_fused`) attends with
+`attend` too, and routes from summaries of its input instead.
 """
 import torch
 
@@ -33,17 +33,12 @@ def attend(q, k, v, routes, null_k, null_v, q_mask, kv_mask, seed, opts):
                                      seed, opts['backend'])
 
 
-def attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, q_mask, kv_mask, seed, opts, grads=None):
+def attend_backward(dout, q, k, v, out, lse, routes, null_k, null_v, q_mask, kv_mask, seed, opts):
     """-> (dq, dk, dv, dnull), the routes' gradient included in dq and dk; dnull: the null bucket's gradients by
-    batch (see `block_attention.fused.null_grads`). `grads`: the dq, dk, dv to write (the layer op's, views of
-    one buffer), which the kernels' launcher then takes directly: a custom op could not return them, as they alias
-    each other, and the layer op runs only in eager mode."""
+    batch (see `block_attention.fused.null_grads`)."""
     idx, w, sq, sk, scores = routes
-    args = (dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, *opts['kernel'], seed)
-    if grads is None:
-        dq, dk, dv, dw, dnull = fused.block_attention_bwd(*args, opts['backend'])
-    else:
-        dq, dk, dv, dw, dnull = fused.kernels(opts['backend']).backward(*args, grads=grads)
+    dq, dk, dv, dw, dnull = fused.block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
+                                                      kv_mask, *opts['kernel'], seed, opts['backend'])
     d_sq, d_sk = summary_routes_backward(scores, sq, sk, dw, **opts['routing'], backend=opts['backend'])
     add_sort_summaries_vjp(d_sq, d_sk, dq, dk, q_mask=q_mask, kv_mask=kv_mask, **opts['summaries'],
                            backend=opts['backend'])
