@@ -7,10 +7,11 @@ backward holds dq, dk, dv of every head at once (48 MB more) beside them. Here t
 (`chunk_heads`): forward projects a chunk's q, k, v into one packed buffer, attends, adds the chunk's part of the
 output projection and lets them go; backward recomputes them a chunk at a time (one GEMM and the forward kernel,
 FlashAttention's recomputation one level up), with the chunk's output gradient, runs the backward kernels and
-folds the chunk's dq, dk, dv into dx and the weights' gradients before the next chunk. The routes come first, for
-each group of heads at once, from the sort net's summaries of x (`_Routing`), and their gradient last. The causal
-half-head rotation is a shift of the rows the projections read and write (`self_attention.Group`), never a copy.
-torch.compile traces the composed ops instead: this Function manages its buffers in eager code.
+folds the chunk's dq, dk, dv into dx and the weights' gradients before the next chunk. A group of heads run in
+several chunks routes first, all its heads at once, from the sort net's summaries of x, and takes the routes'
+gradient last (`_Routing`). The causal half-head rotation is a shift of the rows the projections read and write
+(`self_attention.Group`), never a copy. torch.compile traces the composed ops instead: this Function manages its
+buffers in eager code.
 """
 import torch
 
@@ -57,7 +58,8 @@ class _Routing:
     the q and k weights (two small GEMMs where each chunk would summarize its q and k and route), and backward
     takes the routes' gradient to dx and to those weights' gradients from the summaries alone, after the group's
     last chunk. A group run in one chunk routes from that chunk's q and k, and adds the gradient into its dq and
-    dk (the summaries of x would cost some twenty more small ops there)."""
+    dk: there routing from x would save nothing and cost some fifteen small ops (the merged summaries, the
+    projections, the rolled frame)."""
 
     def __init__(self, cfg, group, tensors):
         """tensors: x's query and key summaries [B, N, dim] (None when routed from q and k), q's and k's
