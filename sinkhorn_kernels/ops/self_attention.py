@@ -424,6 +424,18 @@ def _unit_routes(cfg, routes, u, null_k, null_v):
     return idx, w, *null
 
 
+def routing_options(cfg):
+    """The sort net's top-k settings, as `summary_routes` and its backward take them."""
+    return dict(causal=cfg.causal, n_top_buckets=cfg.n_top, n_sortcut=cfg.n_sortcut,
+                temperature=cfg.topk_temperature, own_bucket=cfg.own_bucket)
+
+
+def summary_options(cfg, mask):
+    """The sort net's summary settings for heads whose queries and keys share `mask` (or None)."""
+    return dict(bucket_size=cfg.bucket_size, kv_bucket_size=cfg.kv_bucket_size, causal=cfg.causal,
+                n_sortcut=cfg.n_sortcut, q_mask=mask, kv_mask=mask)
+
+
 class _Routes:
     """The Sinkhorn heads' routes (own bucket appended) from the sort net's summaries of q and k. Backward takes
     the route weights' gradient back to the summaries by hand: autograd run inside this Function's backward
@@ -434,29 +446,20 @@ class _Routes:
         self.sq, self.sk = (torch.cat(s, dim=1) for s in zip(*(self.summaries(u) for u in units)))
         empty = None if cfg.mask is None else torch.cat(
             [empty_key_buckets(u.group.mask(cfg.mask), cfg.kv_bucket_size) for u in units], dim=1)
-        self.scores, idx, w = summary_routes(self.sq, self.sk, **self.routing(), n_query_buckets=cfg.Nq,
+        self.scores, idx, w = summary_routes(self.sq, self.sk, **routing_options(cfg), n_query_buckets=cfg.Nq,
                                              empty=empty)
         self.indices, self.weights = idx.contiguous(), w.contiguous()
 
-    def routing(self):
-        cfg = self.cfg
-        return dict(causal=cfg.causal, n_top_buckets=cfg.n_top, n_sortcut=cfg.n_sortcut,
-                    temperature=cfg.topk_temperature, own_bucket=cfg.own_bucket)
-
-    def options(self, u):
-        cfg = self.cfg
-        return dict(bucket_size=cfg.bucket_size, kv_bucket_size=cfg.kv_bucket_size, causal=cfg.causal,
-                    n_sortcut=cfg.n_sortcut, q_mask=u.group.mask(cfg.mask), kv_mask=u.group.mask(cfg.mask))
-
     def summaries(self, u):
-        return sort_summaries(u.q, u.k, **self.options(u))
+        return sort_summaries(u.q, u.k, **summary_options(self.cfg, u.group.mask(self.cfg.mask)))
 
     def backward(self, dw):
         """Adds the routes' gradient `dw` to the Sinkhorn heads' q and k buffers (which hold dq and dk by now)."""
-        d_sq, d_sk = summary_routes_backward(self.scores, self.sq, self.sk, dw, **self.routing())
+        d_sq, d_sk = summary_routes_backward(self.scores, self.sq, self.sk, dw, **routing_options(self.cfg))
         for u in self.units:
             heads = u.sinkhorn_heads
-            add_sort_summaries_vjp(d_sq[:, heads], d_sk[:, heads], u.q, u.k, **self.options(u))
+            add_sort_summaries_vjp(d_sq[:, heads], d_sk[:, heads], u.q, u.k,
+                                   **summary_options(self.cfg, u.group.mask(self.cfg.mask)))
 
 
 def sinkhorn_self_attention(x, q_weight, kv_weight, out_weight, out_bias, *, heads, bucket_size, dim_head=None,

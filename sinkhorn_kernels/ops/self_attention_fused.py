@@ -17,8 +17,8 @@ import torch
 
 from .block_attention import dropout_seed, fused, fused_operands, fused_routes
 from .outputs import new_output
-from .self_attention import (Group, head_columns, packed_weight_grads, packed_weights, project_out,
-                             unpack_weight_grads, write_sum)
+from .self_attention import (Group, head_columns, packed_weight_grads, packed_weights, project_out, routing_options,
+                             summary_options, unpack_weight_grads, write_sum)
 from .sinkhorn_attention import empty_key_buckets, summary_routes, summary_routes_backward
 from .summaries import add_sort_summaries_vjp, sort_summaries
 from .topk_attention import attend
@@ -61,11 +61,11 @@ class _Routing:
     dk: there routing from x would save nothing and cost some fifteen small ops (the merged summaries, the
     projections, the rolled frame)."""
 
-    def __init__(self, cfg, group, tensors):
-        """tensors: x's query and key summaries [B, N, dim] (None when routed from q and k), q's and k's
-        [B, Hg, N, D], the scores, the routes' indices and weights, as `route` or `route_heads` makes them (and
-        forward keeps them for backward)."""
-        self.group, self.mask, self.tensors = group, group.mask(cfg.mask), tuple(tensors)
+    def __init__(self, group, mask, tensors):
+        """mask: the group's (see `Group.mask`); tensors: x's query and key summaries [B, N, dim] (None when
+        routed from q and k), q's and k's [B, Hg, N, D], the scores, the routes' indices and weights, as `route` or
+        `route_heads` makes them (and forward keeps them for backward)."""
+        self.group, self.mask, self.tensors = group, mask, tuple(tensors)
         self.sx_q, self.sx_k, self.sq, self.sk, self.scores, self.idx, self.w = self.tensors
         self.from_x = self.sx_q is not None
 
@@ -75,32 +75,26 @@ class _Routing:
         mask = group.mask(cfg.mask)
         frame = _as_heads(x.roll(-group.shift, dims=1) if group.shift else x)  # token (t + shift) mod T at row t
         sx = [_merge_heads(s) for s in sort_summaries(frame, frame, **cls.summary_options(cfg, mask, frame))]
-        return cls.routed(cfg, group, sx, *(cls.by_head(cfg, s, w) for s, w in zip(sx, (w_q, w_k))))
+        return cls.routed(cfg, group, mask, sx, *(cls.by_head(cfg, s, w) for s, w in zip(sx, (w_q, w_k))))
 
     @classmethod
     def route_heads(cls, cfg, group, q, k):
         """Routes the group from its q and k ([B, Hg, T, D], in its frame)."""
         mask = group.mask(cfg.mask)
-        return cls.routed(cfg, group, (None, None), *sort_summaries(q, k, **cls.summary_options(cfg, mask, q)))
+        return cls.routed(cfg, group, mask, (None, None), *sort_summaries(q, k, **cls.summary_options(cfg, mask, q)))
 
     @classmethod
-    def routed(cls, cfg, group, sx, sq, sk):
-        scores, idx, w = summary_routes(sq, sk, **cls.routing_options(cfg), n_query_buckets=cfg.Nq,
-                                        empty=empty_key_buckets(group.mask(cfg.mask), cfg.kv_bucket_size),
-                                        backend=cfg.backend)
-        return cls(cfg, group, (*sx, sq, sk, scores, *fused_routes(idx, w)))
+    def routed(cls, cfg, group, mask, sx, sq, sk):
+        scores, idx, w = summary_routes(sq, sk, **routing_options(cfg), n_query_buckets=cfg.Nq,
+                                        empty=empty_key_buckets(mask, cfg.kv_bucket_size), backend=cfg.backend)
+        return cls(group, mask, (*sx, sq, sk, scores, *fused_routes(idx, w)))
 
     @staticmethod
     def summary_options(cfg, mask, t):
-        """The summaries' settings for t [B, H, T, D]: the group's mask for each of its H heads."""
-        mask = None if mask is None else mask.expand(-1, t.shape[1], -1)
-        return dict(bucket_size=cfg.bucket_size, kv_bucket_size=cfg.kv_bucket_size, causal=cfg.causal,
-                    n_sortcut=cfg.n_sortcut, q_mask=mask, kv_mask=mask, backend=cfg.backend)
-
-    @staticmethod
-    def routing_options(cfg):
-        return dict(causal=cfg.causal, n_top_buckets=cfg.n_top, n_sortcut=cfg.n_sortcut,
-                    temperature=cfg.topk_temperature, own_bucket=cfg.own_bucket)
+        """The summaries' settings for t [B, H, T, D] on the layer's backend: the group's mask for each of its H
+        heads."""
+        return dict(summary_options(cfg, None if mask is None else mask.expand(-1, t.shape[1], -1)),
+                    backend=cfg.backend)
 
     @staticmethod
     def by_head(cfg, s, w):
@@ -115,7 +109,7 @@ class _Routing:
 
     def summaries_backward(self, cfg, dw):
         """(d_sq, d_sk) from the route weights' gradient dw [B, Hg, Nq, R]."""
-        return summary_routes_backward(self.scores, self.sq, self.sk, dw, **self.routing_options(cfg),
+        return summary_routes_backward(self.scores, self.sq, self.sk, dw, **routing_options(cfg),
                                        backend=cfg.backend)
 
     def backward_heads(self, cfg, dw, dq, dk):
@@ -276,7 +270,7 @@ class FusedSelfAttention(torch.autograd.Function):
         cfg = ctx.cfg
         groups = _sinkhorn_groups(cfg)
         n = len(flat) // max(1, len(groups))
-        routing = {id(g): _Routing(cfg, g, flat[i * n:(i + 1) * n]) for i, g in enumerate(groups)}
+        routing = {id(g): _Routing(g, g.mask(cfg.mask), flat[i * n:(i + 1) * n]) for i, g in enumerate(groups)}
         dy = dy.contiguous()  # a copy only of an expanded gradient (a sum's), which the GEMMs cannot read by rows
         dx = new_output(torch.empty_like(x))
         # each chunk writes its own rows of the packed weights' gradient and its own columns of w_out's
