@@ -274,6 +274,36 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(func, args)
 
 
+def test_kernel_ops_go_through_the_dispatcher_only_where_something_may_watch():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from sinkhorn_kernels.ops.library import _watched
+
+    x = torch.randn(2, 3)
+    assert not _watched((x, torch.nn.Parameter(x), None, 3, 'triton'))
+    assert _watched((x.to('meta'),))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    assert _watched((fake,))
+    with TorchDispatchMode():
+        assert _watched((x,))
+    with torch.profiler.profile():
+        assert _watched((x,))
+
+
+def test_fused_attention_traces_on_fake_tensors():
+    """Fake tensors (shape inference, memory planning) go through the ops' fake implementations: a direct call
+    would hand them to the kernels."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))
+        out = ops.sinkhorn_attention(q, k, v, bucket_size=8, n_top_buckets=2, backend='triton')
+        out.sum().backward()
+        p = ops.sinkhorn_normalize(q[0], 3, backend='triton')
+    assert out.shape == q.shape and q.grad.shape == q.shape and p.shape == q[0].shape
+
+
 def test_topk_routes_kernel_rejects_too_many_buckets():
     from sinkhorn_kernels.ops.routing import triton as routing_kernels
     scores = torch.zeros(1, 1, 1, routing_kernels.MAX_COLUMNS + 1)
@@ -403,12 +433,16 @@ def test_model_trains_the_same_on_triton(kw):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('backend', ['triton', 'reference'])
-def test_compile_fullgraph_without_graph_breaks(backend):
+@pytest.mark.parametrize('backend,options', [('triton', dict(causal=True, attn_dropout=0.1)),
+                                             ('triton', dict(non_permutative=False)),
+                                             ('reference', dict(causal=True))],
+                         ids=['triton', 'triton_sinkhorn_mode', 'reference'])
+def test_compile_fullgraph_without_graph_breaks(backend, options):
     # Triton with attention dropout in training too: its seed stays on the device, so it breaks no graph (the
-    # reference draws its masks on the host, a graph break, see the README)
+    # reference draws its masks on the host, a graph break, see the README). Gumbel-Sinkhorn mode runs the
+    # Sinkhorn and block attention Functions, the causal top-k layer its own
     model = sk.SinkhornTransformerLM(num_tokens=20, dim=32, depth=1, max_seq_len=64, heads=4, bucket_size=16,
-                                     causal=True, attn_dropout=0.1 if backend == 'triton' else 0.0)
+                                     **options)
     x = torch.randint(0, 20, (1, 64))
     sk.set_backend(backend)
     try:

@@ -134,10 +134,9 @@ def _fused(backend, q, k, v, idx, w, null_kv, qm, km, bucket_size, kv_bucket_siz
            dropout_p):
     from . import fused
     null_k, null_v, qm, km = fused_operands(backend, q, k, v, null_kv, qm, km, bucket_size, kv_bucket_size)
-    out, _ = fused.block_attention_fwd(q, k, v, *fused_routes(idx, w), null_k, null_v, qm, km, bucket_size,
-                                       kv_bucket_size, causal, n_rotated_heads, scale, dropout_p,
-                                       dropout_seed(dropout_p, q.device), backend)
-    return out
+    return fused.BlockAttention.apply(q, k, v, *fused_routes(idx, w), null_k, null_v, qm, km, bucket_size,
+                                      kv_bucket_size, causal, n_rotated_heads, scale, dropout_p,
+                                      dropout_seed(dropout_p, q.device), backend)
 
 
 def local_routes(n, look_backward, look_forward, device):

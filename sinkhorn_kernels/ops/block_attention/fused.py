@@ -1,15 +1,17 @@
-"""The fused block attention as torch.library custom ops (fake implementations for torch.compile, autograd),
-one pair for every fused backend: `backend` names the module that launches the kernels ('triton' or 'cuda')."""
+"""The fused block attention as torch.library custom ops (fake implementations for torch.compile), one pair for
+every fused backend (`backend` names the module that launches the kernels, 'triton' or 'cuda'), and the
+autograd Function around them."""
 import torch
 
 from ..backends import kernel_module
+from ..library import kernel_op
 
 
 def kernels(backend):
     return kernel_module(__package__, backend)
 
 
-@torch.library.custom_op('sinkhorn_kernels::block_attention_fwd', mutates_args=())
+@kernel_op('block_attention_fwd')
 def block_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                         null_k: torch.Tensor | None, null_v: torch.Tensor | None, q_mask: torch.Tensor | None,
                         kv_mask: torch.Tensor | None, bucket_size: int, kv_bucket_size: int, causal: bool,
@@ -26,7 +28,7 @@ def _(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_s
     return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
 
 
-@torch.library.custom_op('sinkhorn_kernels::block_attention_bwd', mutates_args=())
+@kernel_op('block_attention_bwd')
 def block_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, null_k: torch.Tensor | None,
                         null_v: torch.Tensor | None, q_mask: torch.Tensor | None, kv_mask: torch.Tensor | None,
@@ -50,15 +52,6 @@ def _(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, bucket_s
             q.new_empty(null_shape, dtype=torch.float32))
 
 
-_STATIC = ('bucket_size', 'kv_bucket_size', 'causal', 'n_rotated_heads', 'scale', 'dropout_p', 'seed', 'backend')
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *static = inputs
-    ctx.save_for_backward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *output)
-    ctx.static = static
-
-
 def null_grads(dnull, null_k, null_v):
     """The null key's and value's gradients from the kernels' per-batch ones, dnull [2, B, H, D] (None without a
     null bucket)."""
@@ -68,12 +61,23 @@ def null_grads(dnull, null_k, null_v):
     return dnk.to(null_k.dtype), dnv.to(null_v.dtype)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, out, lse = ctx.saved_tensors
-    # the kernels read dout by its strides: the permuted gradient of the output projection needs no copy
-    dq, dk, dv, dw, dnull = block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask,
-                                                   *ctx.static)
-    return (dq, dk, dv, None, dw, *null_grads(dnull, null_k, null_v), None, None) + (None,) * len(_STATIC)
+class BlockAttention(torch.autograd.Function):
+    """`block_attention_fwd`'s output, differentiable in q, k, v, the route weights and the null bucket; the
+    arguments are the op's."""
 
+    @staticmethod
+    def forward(ctx, q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, bucket_size, kv_bucket_size, causal,
+                n_rotated_heads, scale, dropout_p, seed, backend):
+        ctx.options = (bucket_size, kv_bucket_size, causal, n_rotated_heads, scale, dropout_p)
+        ctx.backend = backend
+        out, lse = block_attention_fwd(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, *ctx.options, seed, backend)
+        ctx.save_for_backward(q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, seed, out, lse)
+        return out
 
-block_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, idx, w, null_k, null_v, q_mask, kv_mask, seed, out, lse = ctx.saved_tensors
+        # the kernels read dout by its strides: the permuted gradient of the output projection needs no copy
+        dq, dk, dv, dw, dnull = block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
+                                                       kv_mask, *ctx.options, seed, ctx.backend)
+        return dq, dk, dv, None, dw, *null_grads(dnull, null_k, null_v), None, None, *(None,) * 8

@@ -2,10 +2,11 @@
 gradient is taken by the caller: `topk_attention` runs `topk_routes_bwd` in its own backward."""
 import torch
 
+from ..library import kernel_op
 from . import triton as kernels
 
 
-@torch.library.custom_op('sinkhorn_kernels::topk_routes_fwd', mutates_args=())
+@kernel_op('topk_routes_fwd')
 def topk_routes_fwd(scores: torch.Tensor, k: int, temperature: float, causal: bool, n_null: int,
                     n_query_buckets: int, own_bucket: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels.forward(scores, k, temperature, causal, n_null, n_query_buckets, own_bucket)
@@ -17,7 +18,7 @@ def _(scores, k, temperature, causal, n_null, n_query_buckets, own_bucket):
     return scores.new_empty(shape, dtype=torch.int32), scores.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op('sinkhorn_kernels::topk_routes_bwd', mutates_args=())
+@kernel_op('topk_routes_bwd')
 def topk_routes_bwd(scores: torch.Tensor, d_weights: torch.Tensor, k: int, temperature: float, causal: bool,
                     n_null: int, scale: float) -> torch.Tensor:
     return kernels.backward(scores, d_weights, k, temperature, causal, n_null, scale)

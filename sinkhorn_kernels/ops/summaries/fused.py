@@ -2,10 +2,11 @@
 gradient is taken by the caller: `topk_attention` runs `add_sort_summaries_vjp` in its own backward."""
 import torch
 
+from ..library import kernel_op
 from . import triton as kernels
 
 
-@torch.library.custom_op('sinkhorn_kernels::sort_summaries', mutates_args=())
+@kernel_op('sort_summaries')
 def sort_summaries(q: torch.Tensor, k: torch.Tensor, q_mask: torch.Tensor | None, kv_mask: torch.Tensor | None,
                    bucket_size: int, kv_bucket_size: int, causal: bool, n_sortcut: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,7 +20,7 @@ def _(q, k, q_mask, kv_mask, bucket_size, kv_bucket_size, causal, n_sortcut):
     return q.new_empty(B, H, n_query, D), k.new_empty(B, H, k.shape[2] // kv_bucket_size, D)
 
 
-@torch.library.custom_op('sinkhorn_kernels::add_sort_summaries_vjp', mutates_args=('dq', 'dk'))
+@kernel_op('add_sort_summaries_vjp', mutates_args=('dq', 'dk'))
 def add_sort_summaries_vjp(d_sq: torch.Tensor, d_sk: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
                            q_mask: torch.Tensor | None, kv_mask: torch.Tensor | None, bucket_size: int,
                            kv_bucket_size: int, causal: bool, n_sortcut: int) -> None:

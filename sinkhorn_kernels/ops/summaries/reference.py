@@ -12,7 +12,10 @@ def masked_bucket_mean(x, mask, n_buckets):
     """Mean over each bucket's real tokens; padding never shifts the routing of real tokens."""
     xb = rearrange(x, 'b h (n s) d -> b h n s d', n=n_buckets)
     if mask is None:
-        return xb.mean(dim=3)
+        # not mean(): its backward divides the expanded gradient, whose layout eager CPU and fake tensors pick
+        # differently; torch.compile(backend='aot_eager') then fails on a view of it (a fake/eager stride
+        # mismatch of the kind in pytorch/pytorch#120035)
+        return xb.sum(dim=3) / xb.shape[3]
     m = rearrange(mask, 'b h (n s) -> b h n s 1', n=n_buckets).to(x.dtype)
     return (xb * m).sum(dim=3) / m.sum(dim=3).clamp(min=1)
 
