@@ -9,6 +9,11 @@ if not torch.cuda.is_available():
 
 import sinkhorn_kernels as sk  # noqa: E402
 
+# under pytest-xdist (-n auto) each worker takes one core: intra-op threads spinning on cores the other workers
+# hold slowed small-op tests tenfold
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
