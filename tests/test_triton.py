@@ -289,6 +289,9 @@ def test_kernel_ops_go_through_the_dispatcher_only_where_something_may_watch():
         assert _watched((x,))
     with torch.profiler.profile():
         assert _watched((x,))
+    traced = []
+    torch.jit.trace(lambda t: traced.append(_watched((t,))) or t * 1, x, check_trace=False)
+    assert traced == [True]
 
 
 def test_fused_attention_traces_on_fake_tensors():
