@@ -274,6 +274,16 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(func, args)
 
 
+def test_sinkhorn_ops_pass_opcheck_on_strided_scores():
+    """The kernels write a contiguous gradient whatever the scores' strides; so must the fake implementation."""
+    from sinkhorn_kernels.ops.sinkhorn import fused
+
+    x = torch.randn(3, 5, 4).transpose(1, 2)
+    torch.library.opcheck(fused.sinkhorn_fwd.op, (x, 2, 'triton'))
+    p, a, b = fused.sinkhorn_fwd(x, 2, 'triton')
+    torch.library.opcheck(fused.sinkhorn_bwd.op, (torch.randn_like(p), x, p, a, b, 'triton'))
+
+
 def test_kernel_ops_go_through_the_dispatcher_only_where_something_may_watch():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode

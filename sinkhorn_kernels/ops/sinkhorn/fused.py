@@ -31,7 +31,7 @@ def sinkhorn_bwd(dp: torch.Tensor, x: torch.Tensor, p: torch.Tensor, a: torch.Te
 
 @sinkhorn_bwd.register_fake
 def _(dp, x, p, a, b, backend):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous whatever x's strides, as the kernels write it
 
 
 class SinkhornNormalize(torch.autograd.Function):
