@@ -31,7 +31,8 @@ def _watched(args):
 def kernel_op(name, mutates_args=()):
     """Decorator: registers `fn` as the custom op sinkhorn_kernels::`name` and returns a function with fn's
     signature (positional arguments only) that runs fn directly unless `_watched`. `.op` is the registered op
-    (for opcheck), `.register_fake` its fake registration."""
+    (for opcheck), `.register_fake` its fake registration. A direct call leaves the version counters of the
+    tensors it mutates alone; ours mutate only gradient buffers that autograd never saved."""
     def register(fn):
         op = torch.library.custom_op(f'{NAMESPACE}::{name}', mutates_args=mutates_args)(fn)
 
