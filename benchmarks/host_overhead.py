@@ -14,7 +14,6 @@ and top-k `sinkhorn_attention`, forward + backward.
 import argparse
 import collections
 import os
-import time
 
 os.environ['TRITON_INTERPRET'] = '1'  # before triton is imported
 
@@ -23,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime.interpreter import GridExecutor  # noqa: E402
 
 import sinkhorn_kernels as sk  # noqa: E402
+from sinkhorn_kernels.bench.measure import percentile, timer  # noqa: E402
 from sinkhorn_kernels.ops import library  # noqa: E402
 
 
@@ -51,12 +51,8 @@ def layer_step(seq_len, causal, dtype, mask=False, **kw):
 
 def median_us(fn, repeats):
     fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2] * 1e6
+    time_ms = timer('cpu')
+    return percentile([time_ms(fn) for _ in range(repeats)], 0.5) * 1e3
 
 
 def both_ways(fn, repeats):
@@ -68,17 +64,6 @@ def both_ways(fn, repeats):
         return direct, median_us(fn, repeats)
     finally:
         library._watched = watched
-
-
-def ops_by_name():
-    from sinkhorn_kernels.ops.block_attention import fused as block_attention
-    from sinkhorn_kernels.ops.routing import fused as routing
-    from sinkhorn_kernels.ops.sinkhorn import fused as sinkhorn
-    from sinkhorn_kernels.ops.summaries import fused as summaries
-    return {name: getattr(module, name) for module, names in (
-        (block_attention, ('block_attention_fwd', 'block_attention_bwd')),
-        (routing, ('topk_routes_fwd', 'topk_routes_bwd')), (sinkhorn, ('sinkhorn_fwd', 'sinkhorn_bwd')),
-        (summaries, ('sort_summaries', 'add_sort_summaries_vjp'))) for name in names}
 
 
 def main():
@@ -100,7 +85,7 @@ def main():
 
     print(f'{"op":<24}{"direct us":>10}{"dispatched us":>15}{"calls per step":>16}')
     saved = 0.0
-    for name, call in ops_by_name().items():
+    for name, call in library.KERNEL_OPS.items():  # all registered by the steps above
         direct, dispatched = both_ways(lambda: call(*captured.args[name]), args.repeats)
         saved += counted.count[name] * (dispatched - direct)
         print(f'{name:<24}{direct:>10.1f}{dispatched:>15.1f}{counted.count[name]:>16}')

@@ -17,7 +17,8 @@ def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _timer(device):
+def timer(device):
+    """A function that runs fn once and returns its time in ms (CUDA events on a GPU)."""
     if device == 'cuda':
         def run(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -35,7 +36,7 @@ def _timer(device):
     return run
 
 
-def _percentile(xs, q):
+def percentile(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
@@ -44,7 +45,7 @@ def measure(op, impl, cfg, device, dtype, warmup, repeats):
     """One row per mode: ms_median, ms_p20, ms_p80, peak_mem_mb, tflops, gbps, tokens_per_s."""
     dtype = getattr(torch, dtype)
     fn, leaves, flops_fwd, io_fwd = build(op, impl, cfg, device, dtype)
-    timer = _timer(device)
+    time_ms = timer(device)
 
     def fwd():
         with torch.no_grad():
@@ -63,11 +64,11 @@ def measure(op, impl, cfg, device, dtype, warmup, repeats):
             torch.cuda.reset_peak_memory_stats()
         for _ in range(warmup):
             step()
-        times = [timer(step) for _ in range(repeats)]
+        times = [time_ms(step) for _ in range(repeats)]
         peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == 'cuda' else _peak_rss_mb()
-        ms = _percentile(times, 0.5)
+        ms = percentile(times, 0.5)
         # FlashAttention's convention: backward counts 2.5 times the forward's FLOPs
-        rows.append(dict(mode=mode, ms_median=ms, ms_p20=_percentile(times, 0.2), ms_p80=_percentile(times, 0.8),
+        rows.append(dict(mode=mode, ms_median=ms, ms_p20=percentile(times, 0.2), ms_p80=percentile(times, 0.8),
                          peak_mem_mb=peak, tflops=flop_factor * flops_fwd / ms / 1e9,
                          gbps=io_factor * io_fwd / ms / 1e6, tokens_per_s=cfg['batch'] * cfg['seq_len'] / ms * 1e3))
     return rows

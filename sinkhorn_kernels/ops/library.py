@@ -16,6 +16,8 @@ import torch
 
 NAMESPACE = 'sinkhorn_kernels'
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# name -> the function `kernel_op` returned, for every op registered so far (their modules load lazily)
+KERNEL_OPS = {}
 
 
 def _watched(args):
@@ -41,5 +43,6 @@ def kernel_op(name, mutates_args=()):
             return op(*args) if _watched(args) else fn(*args)
 
         call.op, call.register_fake = op, op.register_fake
+        KERNEL_OPS[name] = call
         return call
     return register

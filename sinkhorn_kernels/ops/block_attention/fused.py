@@ -80,4 +80,6 @@ class BlockAttention(torch.autograd.Function):
         # the kernels read dout by its strides: the permuted gradient of the output projection needs no copy
         dq, dk, dv, dw, dnull = block_attention_bwd(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask,
                                                        kv_mask, *ctx.options, seed, ctx.backend)
-        return dq, dk, dv, None, dw, *null_grads(dnull, null_k, null_v), None, None, *(None,) * 8
+        # none for idx, the masks, the options, seed and backend
+        return (dq, dk, dv, None, dw, *null_grads(dnull, null_k, null_v), None, None,
+                *(None,) * (len(ctx.options) + 2))
