@@ -1,10 +1,12 @@
-"""What one forward + backward of SinkhornSelfAttention asks of a GPU on the triton backend, counted on a CPU:
-the ATen ops that would launch a kernel (views and allocations aside; those inside our custom ops included),
-the Triton launches, and the bytes the ATen ops write. The Triton kernels run in the interpreter, whose own
-tensor copies are not counted; block attention's kernels are not run at all (their outputs are not needed for
-counting), so a 4k-token step takes seconds.
+"""What one forward + backward of SinkhornSelfAttention (or, with --op sinkhorn, of the benchmark's Sinkhorn
+normalization step) asks of a GPU on the triton backend, counted on a CPU: the ATen ops that would launch a
+kernel (views and allocations aside; those inside our custom ops included), the Triton launches, and the bytes
+the ATen ops write. The Triton kernels run in the interpreter, whose own tensor copies are not counted; block
+attention's kernels are not run at all (their outputs are not needed for counting), so a 4k-token step takes
+seconds.
 
     python benchmarks/launch_census.py [--seq-len 4096] [--causal]
+    python benchmarks/launch_census.py --op sinkhorn [--matrices 8]
 """
 import argparse
 import collections
@@ -20,6 +22,7 @@ from triton.runtime.interpreter import GridExecutor  # noqa: E402
 import sinkhorn_kernels as sk  # noqa: E402
 from sinkhorn_kernels.ops.block_attention import triton as block_attention_kernels  # noqa: E402
 from sinkhorn_kernels.ops.routing import triton as routing_kernels  # noqa: E402
+from sinkhorn_kernels.ops.sinkhorn import triton as sinkhorn_kernels  # noqa: E402
 from sinkhorn_kernels.ops.summaries import triton as summary_kernels  # noqa: E402
 
 NOT_LAUNCHES = {'view', 't', 'permute', 'detach', 'expand', '_unsafe_view', 'slice', 'unsqueeze', 'alias',
@@ -68,7 +71,8 @@ class Tally:
 
         GridExecutor.__call__ = launch
         for module, names in ((block_attention_kernels, ('forward', 'backward')),
-                              (routing_kernels, ('forward', 'backward')), (summary_kernels, ('forward', 'add_vjp'))):
+                              (routing_kernels, ('forward', 'backward')), (summary_kernels, ('forward', 'add_vjp')),
+                              (sinkhorn_kernels, ('forward', 'backward'))):
             for name in names:
                 setattr(module, name, self._inside(getattr(module, name)))
 
@@ -81,20 +85,35 @@ class Tally:
         return run
 
 
+def layer_step(args):
+    layer = sk.SinkhornSelfAttention(512, 64, args.seq_len, heads=8, causal=args.causal, n_top_buckets=2).bfloat16()
+    x = torch.randn(1, args.seq_len, 512, dtype=torch.bfloat16, requires_grad=True)
+    return (lambda: layer(x).float().sum().backward(),
+            f'{"causal" if args.causal else "non-causal"}, {args.seq_len} tokens')
+
+
+def sinkhorn_step(args):
+    """The benchmark's Sinkhorn case (128 x 128, 8 iterations, bf16) on --matrices matrices."""
+    x = torch.randn(args.matrices, 128, 128, dtype=torch.bfloat16, requires_grad=True)
+    return (lambda: sk.ops.sinkhorn_normalize(x, 8).float().sum().backward(),
+            f'Sinkhorn normalization, {args.matrices} x 128 x 128')
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--op', choices=('layer', 'sinkhorn'), default='layer')
     p.add_argument('--seq-len', type=int, default=4096)
     p.add_argument('--causal', action='store_true')
+    p.add_argument('--matrices', type=int, default=8)
     args = p.parse_args()
     tally = Tally()
     tally.install()
-    layer = sk.SinkhornSelfAttention(512, 64, args.seq_len, heads=8, causal=args.causal, n_top_buckets=2).bfloat16()
-    x = torch.randn(1, args.seq_len, 512, dtype=torch.bfloat16, requires_grad=True)
+    step, what = (layer_step if args.op == 'layer' else sinkhorn_step)(args)
     sk.set_backend('triton')
     with Census(tally):
-        layer(x).float().sum().backward()
-    print(f'{"causal" if args.causal else "non-causal"}, {args.seq_len} tokens: {sum(tally.ops.values())} ATen ops '
-          f'and {sum(tally.launches.values())} Triton launches, {tally.bytes / 2 ** 20:.1f} MB written by the ATen ops')
+        step()
+    print(f'{what}: {sum(tally.ops.values())} ATen ops and {sum(tally.launches.values())} Triton launches, '
+          f'{tally.bytes / 2 ** 20:.1f} MB written by the ATen ops')
     print('ATen:', ', '.join(f'{name} {n}' for name, n in tally.ops.most_common()))
     print('Triton:', ', '.join(f'{name} {n}' for name, n in tally.launches.items()))
 

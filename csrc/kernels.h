@@ -5,14 +5,13 @@
 
 namespace sinkhorn_kernels {
 
-// Sinkhorn normalization of G matrices [n, m] (x contiguous, dtype), n_iters >= 1. Outputs fp32: p [G, n, m],
-// row offsets a [G, n_iters, n], column offsets b [G, n_iters + 1, m] whose first row the caller zeroes.
-void sinkhorn_forward(const void* x, float* p, float* a, float* b, int64_t G, int64_t n, int64_t m, int64_t n_iters,
+// Sinkhorn normalization of G matrices [n, m] (x contiguous, dtype), n_iters >= 1. Outputs: p [G, n, m] in x's
+// dtype, fp32 row offsets a [G, n_iters, n] and column offsets b [G, n_iters + 1, m] (b[:, 0] = 0).
+void sinkhorn_forward(const void* x, void* p, float* a, float* b, int64_t G, int64_t n, int64_t m, int64_t n_iters,
                       int dtype, uintptr_t stream);
-// ga, gb: zeroed scratch shaped as a and b; dx fp32 [G, n, m].
-void sinkhorn_backward(const void* x, const float* p, const float* dp, float* dx, const float* a, const float* b,
-                       float* ga, float* gb, int64_t G, int64_t n, int64_t m, int64_t n_iters, int dtype,
-                       uintptr_t stream);
+// dp (P's gradient) and dx [G, n, m] in x's dtype; ga, gb: fp32 scratch shaped as a and b.
+void sinkhorn_backward(const void* x, const void* dp, void* dx, const float* a, const float* b, float* ga, float* gb,
+                       int64_t G, int64_t n, int64_t m, int64_t n_iters, int dtype, uintptr_t stream);
 
 // Block attention over routes idx / w [B, H, Nq, R] (int32 / fp32, contiguous; own bucket last when present;
 // idx == Nk is the null bucket, -1 no block). Tensors are [B, H, T, D] with the given strides (4 each);

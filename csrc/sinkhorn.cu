@@ -1,6 +1,7 @@
 // Sinkhorn normalization, one thread block per matrix, all iterations in one launch. An iterate is
 // x - a_t[i] - b_t[j] for the row and column log-sum-exp offsets, so only those vectors are iterated (the same
-// scheme as the Triton kernel); backward rebuilds each iterate from x and the vectors.
+// scheme as the Triton kernel); backward rebuilds each iterate, P among them, from x and the vectors. P and dx are
+// in x's type; every buffer is written whole, so none needs zeroing first.
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
@@ -30,25 +31,31 @@ __device__ void lse_along(const T* x, int64_t s_out, int64_t s_in, int64_t n_out
   }
 }
 
-// out[o] -= sum_i g[i] exp(x[o * s_out + i * s_in] - own[o] - other[i]), along rows or (transposed) columns.
+// out[o] = (accumulate ? out[o] : 0) - sum_i w * exp(x[o * s_out + i * s_in] - own[o] - other[i]), along rows or
+// (transposed) columns, with the weight w the matrix dp laid out as x where given, else the vector g[i].
 template <typename T>
-__device__ void weighted_sums(const T* x, int64_t s_out, int64_t s_in, int64_t n_out, int64_t n_in, const float* own,
-                              const float* other, const float* g, float* out) {
+__device__ void exp_sums(const T* x, const T* dp, const float* g, int64_t s_out, int64_t s_in, int64_t n_out,
+                         int64_t n_in, const float* own, const float* other, float* out, bool accumulate) {
   for (int64_t o = threadIdx.x; o < n_out; o += blockDim.x) {
     float acc = 0.f;
-    for (int64_t i = 0; i < n_in; ++i) acc += g[i] * __expf(to_float(x[o * s_out + i * s_in]) - own[o] - other[i]);
-    out[o] -= acc;
+    for (int64_t i = 0; i < n_in; ++i) {
+      const int64_t e = o * s_out + i * s_in;
+      acc += (dp ? to_float(dp[e]) : g[i]) * __expf(to_float(x[e]) - own[o] - other[i]);
+    }
+    out[o] = (accumulate ? out[o] : 0.f) - acc;
   }
 }
 
 template <typename T>
-__global__ void sinkhorn_forward_kernel(const T* __restrict__ x, float* __restrict__ p, float* __restrict__ A,
+__global__ void sinkhorn_forward_kernel(const T* __restrict__ x, T* __restrict__ p, float* __restrict__ A,
                                         float* __restrict__ Bv, int64_t n, int64_t m, int64_t iters) {
   const int64_t g = blockIdx.x;
   x += g * n * m;
   p += g * n * m;
   A += g * iters * n;
   Bv += g * (iters + 1) * m;
+  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) Bv[j] = 0.f;  // b_0
+  __syncthreads();
   for (int64_t t = 0; t < iters; ++t) {
     lse_along(x, m, 1, n, m, Bv + t * m, A + t * n);  // a_{t+1}[i] = logsumexp_j (x[i, j] - b_t[j])
     __syncthreads();
@@ -58,54 +65,47 @@ __global__ void sinkhorn_forward_kernel(const T* __restrict__ x, float* __restri
   const float* a = A + (iters - 1) * n;
   const float* b = Bv + iters * m;
   for (int64_t e = threadIdx.x; e < n * m; e += blockDim.x) {
-    p[e] = __expf(to_float(x[e]) - a[e / m] - b[e % m]);
+    p[e] = from_float<T>(__expf(to_float(x[e]) - a[e / m] - b[e % m]));
   }
 }
 
 template <typename T>
-__global__ void sinkhorn_backward_kernel(const T* __restrict__ x, const float* __restrict__ p,
-                                         const float* __restrict__ dp, float* __restrict__ dx,
+__global__ void sinkhorn_backward_kernel(const T* __restrict__ x, const T* __restrict__ dp, T* __restrict__ dx,
                                          const float* __restrict__ A, const float* __restrict__ Bv,
                                          float* __restrict__ GA, float* __restrict__ GB, int64_t n, int64_t m,
                                          int64_t iters) {
   const int64_t g = blockIdx.x;
   x += g * n * m;
-  p += g * n * m;
   dp += g * n * m;
   dx += g * n * m;
   A += g * iters * n;
   GA += g * iters * n;
   Bv += g * (iters + 1) * m;
   GB += g * (iters + 1) * m;
+  const float* a_last = A + (iters - 1) * n;
+  const float* b_last = Bv + iters * m;
   // P = exp(x - a_T - b_T): dP * P sends -rowsum to a_T and -colsum to b_T
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t j = 0; j < m; ++j) acc += dp[i * m + j] * p[i * m + j];
-    GA[(iters - 1) * n + i] = -acc;
-  }
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t i = 0; i < n; ++i) acc += dp[i * m + j] * p[i * m + j];
-    GB[iters * m + j] = -acc;
-  }
+  exp_sums(x, dp, nullptr, m, 1, n, m, a_last, b_last, GA + (iters - 1) * n, false);
+  exp_sums(x, dp, nullptr, 1, m, m, n, b_last, a_last, GB + iters * m, false);
   __syncthreads();
   for (int64_t t = iters - 1; t >= 0; --t) {
-    // column step: b_{t+1} = colLSE(x - a_{t+1}) sends -sum_j gb[j] C[i, j] to a_{t+1}
-    weighted_sums(x, m, 1, n, m, A + t * n, Bv + (t + 1) * m, GB + (t + 1) * m, GA + t * n);
+    // column step: b_{t+1} = colLSE(x - a_{t+1}) sends -sum_j gb[j] C[i, j] to a_{t+1} (a_T has dP * P's)
+    exp_sums<T>(x, nullptr, GB + (t + 1) * m, m, 1, n, m, A + t * n, Bv + (t + 1) * m, GA + t * n, t == iters - 1);
     __syncthreads();
-    // row step: a_{t+1} = rowLSE(x - b_t) sends -sum_i ga[i] R[i, j] to b_t
-    weighted_sums(x, 1, m, m, n, Bv + t * m, A + t * n, GA + t * n, GB + t * m);
+    // row step: a_{t+1} = rowLSE(x - b_t) sends -sum_i ga[i] R[i, j] to b_t, unless t = 0 (b_0 is constant)
+    if (t > 0) exp_sums<T>(x, nullptr, GA + t * n, 1, m, m, n, Bv + t * m, A + t * n, GB + t * m, false);
     __syncthreads();
   }
+  // dx = dP * P + sum_t (gb_{t+1}[j] C_{t+1} + ga_{t+1}[i] R_{t+1}), where P is the last C
   for (int64_t e = threadIdx.x; e < n * m; e += blockDim.x) {
     const int64_t i = e / m, j = e % m;
     const float xe = to_float(x[e]);
-    float acc = dp[e] * p[e];
+    float acc = 0.f, c = 0.f;
     for (int64_t t = 0; t < iters; ++t) {
-      acc += GB[(t + 1) * m + j] * __expf(xe - A[t * n + i] - Bv[(t + 1) * m + j]);
-      acc += GA[t * n + i] * __expf(xe - A[t * n + i] - Bv[t * m + j]);
+      c = __expf(xe - A[t * n + i] - Bv[(t + 1) * m + j]);
+      acc += GB[(t + 1) * m + j] * c + GA[t * n + i] * __expf(xe - A[t * n + i] - Bv[t * m + j]);
     }
-    dx[e] = acc;
+    dx[e] = from_float<T>(acc + to_float(dp[e]) * c);
   }
 }
 
@@ -116,23 +116,22 @@ void check_launch(const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-void sinkhorn_forward(const void* x, float* p, float* a, float* b, int64_t G, int64_t n, int64_t m, int64_t n_iters,
+void sinkhorn_forward(const void* x, void* p, float* a, float* b, int64_t G, int64_t n, int64_t m, int64_t n_iters,
                       int dtype, uintptr_t stream) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     sinkhorn_forward_kernel<T><<<G, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(x), p, a, b, n, m, n_iters);
+        static_cast<const T*>(x), static_cast<T*>(p), a, b, n, m, n_iters);
   });
   check_launch("sinkhorn_forward");
 }
 
-void sinkhorn_backward(const void* x, const float* p, const float* dp, float* dx, const float* a, const float* b,
-                       float* ga, float* gb, int64_t G, int64_t n, int64_t m, int64_t n_iters, int dtype,
-                       uintptr_t stream) {
+void sinkhorn_backward(const void* x, const void* dp, void* dx, const float* a, const float* b, float* ga, float* gb,
+                       int64_t G, int64_t n, int64_t m, int64_t n_iters, int dtype, uintptr_t stream) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     sinkhorn_backward_kernel<T><<<G, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(x), p, dp, dx, a, b, ga, gb, n, m, n_iters);
+        static_cast<const T*>(x), static_cast<const T*>(dp), static_cast<T*>(dx), a, b, ga, gb, n, m, n_iters);
   });
   check_launch("sinkhorn_backward");
 }

@@ -68,15 +68,15 @@ PYBIND11_MODULE(_C, m) {
         [](uintptr_t x, uintptr_t p, uintptr_t a, uintptr_t b, int64_t G, int64_t n, int64_t mm, int64_t iters,
            int dtype, uintptr_t stream) {
           py::gil_scoped_release release;
-          sinkhorn_kernels::sinkhorn_forward(ptr<const void>(x), ptr<float>(p), ptr<float>(a), ptr<float>(b), G, n,
-                                             mm, iters, dtype, stream);
+          sinkhorn_kernels::sinkhorn_forward(ptr<const void>(x), ptr<void>(p), ptr<float>(a), ptr<float>(b), G, n, mm,
+                                             iters, dtype, stream);
         });
   m.def("sinkhorn_backward",
-        [](uintptr_t x, uintptr_t p, uintptr_t dp, uintptr_t dx, uintptr_t a, uintptr_t b, uintptr_t ga, uintptr_t gb,
-           int64_t G, int64_t n, int64_t mm, int64_t iters, int dtype, uintptr_t stream) {
+        [](uintptr_t x, uintptr_t dp, uintptr_t dx, uintptr_t a, uintptr_t b, uintptr_t ga, uintptr_t gb, int64_t G,
+           int64_t n, int64_t mm, int64_t iters, int dtype, uintptr_t stream) {
           py::gil_scoped_release release;
-          sinkhorn_kernels::sinkhorn_backward(ptr<const void>(x), ptr<const float>(p), ptr<const float>(dp),
-                                              ptr<float>(dx), ptr<const float>(a), ptr<const float>(b), ptr<float>(ga),
+          sinkhorn_kernels::sinkhorn_backward(ptr<const void>(x), ptr<const void>(dp), ptr<void>(dx),
+                                              ptr<const float>(a), ptr<const float>(b), ptr<float>(ga),
                                               ptr<float>(gb), G, n, mm, iters, dtype, stream);
         });
   m.def("block_attention_forward", [](const py::dict& d, uintptr_t out, std::vector<int64_t> out_strides,

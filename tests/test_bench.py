@@ -66,6 +66,14 @@ def test_launch_census_counts_a_layer_step():
     assert 'mm ' in out.splitlines()[1] and '_reverse_index 2' in out.splitlines()[2]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='counts through the Triton interpreter')
+def test_launch_census_counts_a_sinkhorn_step():
+    out = benchmark_script('launch_census.py', '--op', 'sinkhorn', '--matrices', '1').splitlines()
+    # the two kernels alone: the ATen ops are the benchmark's .float().sum() and their backward
+    assert '4 ATen ops and 2 Triton launches' in out[0]
+    assert out[1] == 'ATen: _to_copy 2, sum 1, ones_like 1'
+
+
 def test_key_block_readers_tabulates_the_longest_dkv_program():
     rows = benchmark_script('key_block_readers.py', '--seq-lens', '2048').splitlines()[2:]
     assert [row.split(' | ')[:2] for row in rows] == [['| 2048', 'False'], ['| 2048', 'True']]

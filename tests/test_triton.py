@@ -47,7 +47,7 @@ def plain_sinkhorn(x, n_iters):
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
-@pytest.mark.parametrize('shape,n_iters', [((3, 5, 7), 4), ((2, 12, 12), 1), ((1, 130, 70), 3)])
+@pytest.mark.parametrize('shape,n_iters', [((3, 5, 7), 4), ((2, 12, 12), 1), ((1, 130, 70), 3), ((2, 48, 144), 2)])
 def test_sinkhorn_normalize(shape, n_iters, dtype):
     x = torch.randn(shape, dtype=torch.float64)
     dp = torch.randn(shape, dtype=torch.float64)
@@ -274,14 +274,42 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(func, args)
 
 
-def test_sinkhorn_ops_pass_opcheck_on_strided_scores():
-    """The kernels write a contiguous gradient whatever the scores' strides; so must the fake implementation."""
+def graph_nodes(t):
+    """The names of the autograd nodes that lead to t."""
+    names, todo = [], [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            names.append(type(node).__name__)
+            todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_sinkhorn_backward_keeps_its_input_and_the_offsets_only(dtype):
+    """The kernel writes P in the scores' dtype (no cast in the graph) and backward rebuilds P from the scores and
+    the offset vectors, so autograd keeps no matrix but the scores."""
+    x = torch.randn(4, 24, 40, dtype=dtype, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        p = ops.sinkhorn_normalize(x, 3, backend='triton')
+    assert p.dtype == dtype and 'ToCopyBackward0' not in graph_nodes(p)
+    matrices = [t for t in saved if t.numel() >= x[0].numel()]
+    assert len(matrices) == 1 and matrices[0].data_ptr() == x.data_ptr(), [t.shape for t in saved]
+    assert sum(t.numel() for t in saved if t is not matrices[0]) == 4 * (3 * 24 + 4 * 40)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_sinkhorn_ops_pass_opcheck_on_strided_scores(dtype):
+    """The kernels write P and the gradient contiguous, in the scores' dtype, whatever their strides; so must the
+    fake implementations."""
     from sinkhorn_kernels.ops.sinkhorn import fused
 
-    x = torch.randn(3, 5, 4).transpose(1, 2)
+    x = torch.randn(3, 5, 4, dtype=dtype).transpose(1, 2)
     torch.library.opcheck(fused.sinkhorn_fwd.op, (x, 2, 'triton'))
     p, a, b = fused.sinkhorn_fwd(x, 2, 'triton')
-    torch.library.opcheck(fused.sinkhorn_bwd.op, (torch.randn_like(p), x, p, a, b, 'triton'))
+    assert p.dtype == dtype
+    torch.library.opcheck(fused.sinkhorn_bwd.op, (torch.randn_like(p), x, a, b, 'triton'))
 
 
 def test_kernel_ops_go_through_the_dispatcher_only_where_something_may_watch():

@@ -13,34 +13,36 @@ def kernels(backend):
 
 @kernel_op('sinkhorn_fwd')
 def sinkhorn_fwd(x: torch.Tensor, n_iters: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (P in x's dtype, row offsets [G, T, n], column offsets [G, T + 1, m] in fp32)."""
     return kernels(backend).forward(x.contiguous(), n_iters)
 
 
 @sinkhorn_fwd.register_fake
 def _(x, n_iters, backend):
     G, n, m = x.shape
-    return (x.new_empty(G, n, m, dtype=torch.float32), x.new_empty(G, n_iters, n, dtype=torch.float32),
+    return (x.new_empty(G, n, m), x.new_empty(G, n_iters, n, dtype=torch.float32),
             x.new_empty(G, n_iters + 1, m, dtype=torch.float32))
 
 
 @kernel_op('sinkhorn_bwd')
-def sinkhorn_bwd(dp: torch.Tensor, x: torch.Tensor, p: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                 backend: str) -> torch.Tensor:
-    return kernels(backend).backward(dp, x.contiguous(), p, a, b).to(x.dtype)
+def sinkhorn_bwd(dp: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
+    """P's gradient -> x's, in x's dtype; P is rebuilt from x and the offsets."""
+    return kernels(backend).backward(dp, x.contiguous(), a, b)
 
 
 @sinkhorn_bwd.register_fake
-def _(dp, x, p, a, b, backend):
+def _(dp, x, a, b, backend):
     return x.new_empty(x.shape)  # contiguous whatever x's strides, as the kernels write it
 
 
 class SinkhornNormalize(torch.autograd.Function):
-    """x [G, n, m] -> P (fp32), differentiable in x."""
+    """x [G, n, m] -> P in x's dtype (computed in fp32), differentiable in x. Backward keeps x and the offset
+    vectors, not P."""
 
     @staticmethod
     def forward(ctx, x, n_iters, backend):
         p, a, b = sinkhorn_fwd(x, n_iters, backend)
-        ctx.save_for_backward(x, p, a, b)
+        ctx.save_for_backward(x, a, b)
         ctx.backend = backend
         return p
 
@@ -52,4 +54,4 @@ class SinkhornNormalize(torch.autograd.Function):
 def sinkhorn_normalize(log_alpha, n_iters, backend):
     """[..., n, m] -> the exponent of the normalized matrix, in log_alpha's dtype (computed in fp32)."""
     x = log_alpha.reshape(-1, *log_alpha.shape[-2:])
-    return SinkhornNormalize.apply(x, n_iters, backend).to(log_alpha.dtype).view(log_alpha.shape)
+    return SinkhornNormalize.apply(x, n_iters, backend).view(log_alpha.shape)

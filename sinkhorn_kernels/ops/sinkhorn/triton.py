@@ -2,8 +2,9 @@
 
 Every iterate is x - a_t[i] - b_t[j] for the row offsets a_t = rowLSE(x - b_{t-1}) and column offsets
 b_t = colLSE(x - a_t), so a program iterates only these vectors (kept per iteration, n + m floats each) and
-walks the matrix in tiles: any size works, nothing of size n x m is stored but the output. Backward rebuilds
-each iterate from x and the vectors, computes the offsets' gradients in a reverse sweep, then dx in one pass.
+walks the matrix in tiles: any size works, and nothing of size n x m is stored but the output, in x's dtype.
+Backward rebuilds every iterate, P among them, from x and the vectors: it computes the offsets' gradients in a
+reverse sweep, then dx in one pass. Each kernel writes every element of its buffers, so none is zeroed first.
 """
 import torch
 import triton
@@ -34,12 +35,16 @@ def _lse_along(X, s_out, s_in, n_out, n_in, OFF, OUT, BO: tl.constexpr, BI: tl.c
 
 @triton.jit
 def _sinkhorn_fwd(X, P, A, B, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr):
-    """A[t] = a_{t+1} (row offsets), B[t] = b_t (column offsets, B[0] = 0 given)."""
+    """A[t] = a_{t+1} (row offsets), B[t] = b_t (column offsets, b_0 = 0); P = exp(x - a_T - b_T) in P's dtype."""
     g = tl.program_id(0).to(tl.int64)
     X += g * n * m
     P += g * n * m
     A += g * n_iters * n
     B += g * (n_iters + 1) * m
+    for j0 in range(0, m, BC):
+        cols = j0 + tl.arange(0, BC)
+        tl.store(B + cols, tl.zeros([BC], tl.float32), mask=cols < m)
+    tl.debug_barrier()
     for t in range(n_iters):
         _lse_along(X, m, 1, n, m, B + t * m, A + t * n, BR, BC)
         tl.debug_barrier()
@@ -54,53 +59,66 @@ def _sinkhorn_fwd(X, P, A, B, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr)
             ok = (rows[:, None] < n) & (cols[None, :] < m)
             x = tl.load(X + rows[:, None] * m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             b = tl.load(b_last + cols, mask=cols < m, other=0.0)
-            tl.store(P + rows[:, None] * m + cols[None, :], tl.exp(x - a[:, None] - b[None, :]), mask=ok)
+            p = tl.exp(x - a[:, None] - b[None, :])
+            tl.store(P + rows[:, None] * m + cols[None, :], p.to(P.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _weighted_sums(X, s_out, s_in, n_out, n_in, OWN, OTHER, G, OUT, BO: tl.constexpr, BI: tl.constexpr):
-    """OUT[o] -= sum_i G[i] exp(X[o * s_out + i * s_in] - OWN[o] - OTHER[i]): along rows with (m, 1) and the
-    row offsets as OWN, along columns with (1, m) and the column offsets as OWN."""
+def _exp_sums(X, W, s_out, s_in, n_out, n_in, OWN, OTHER, OUT, accumulate, W_MATRIX: tl.constexpr,
+              BO: tl.constexpr, BI: tl.constexpr):
+    """OUT[o] = (OUT[o] if accumulate else 0) - sum_i w[o, i] exp(X[o * s_out + i * s_in] - OWN[o] - OTHER[i]):
+    along rows with (m, 1) and the row offsets as OWN, along columns with (1, m) and the column offsets as OWN.
+    The weight w is the matrix W laid out as X when W_MATRIX, else the vector W[i]."""
     for o0 in range(0, n_out, BO):
         outs = o0 + tl.arange(0, BO)
         own = tl.load(OWN + outs, mask=outs < n_out, other=0.0)
-        acc = tl.load(OUT + outs, mask=outs < n_out, other=0.0)
+        acc = tl.load(OUT + outs, mask=(outs < n_out) & accumulate, other=0.0)
         for i0 in range(0, n_in, BI):
             ins = i0 + tl.arange(0, BI)
             ok = (outs[:, None] < n_out) & (ins[None, :] < n_in)
-            x = tl.load(X + outs[:, None] * s_out + ins[None, :] * s_in, mask=ok, other=0.0).to(tl.float32)
+            offs = outs[:, None] * s_out + ins[None, :] * s_in
+            x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
             other = tl.load(OTHER + ins, mask=ins < n_in, other=0.0)
-            g = tl.load(G + ins, mask=ins < n_in, other=0.0)
+            if W_MATRIX:
+                w = tl.load(W + offs, mask=ok, other=0.0).to(tl.float32)
+            else:
+                w = tl.load(W + ins, mask=ins < n_in, other=0.0)[None, :]
             e = tl.where(ok, tl.exp(x - own[:, None] - other[None, :]), 0.0)
-            acc -= tl.sum(e * g[None, :], axis=1)
+            acc -= tl.sum(e * w, axis=1)
         tl.store(OUT + outs, acc, mask=outs < n_out)
 
 
 @triton.jit
-def _sinkhorn_bwd(X, P, DP, DX, A, B, GA, GB, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr):
-    """GA, GB: zero-initialised gradients of the offsets, laid out as A and B."""
+def _sinkhorn_bwd(X, DP, DX, A, B, GA, GB, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr):
+    """GA, GB: the gradients of the offsets, laid out as A and B (GB[0], that of the constant b_0, is left
+    unwritten)."""
     g = tl.program_id(0).to(tl.int64)
     X += g * n * m
-    P += g * n * m
     DP += g * n * m
     DX += g * n * m
     A += g * n_iters * n
     GA += g * n_iters * n
     B += g * (n_iters + 1) * m
     GB += g * (n_iters + 1) * m
+    a_last, b_last = A + (n_iters - 1) * n, B + n_iters * m
     # P = exp(x - a_T - b_T): dP * P sends -rowsum to a_T and -colsum to b_T
-    _dp_p_sums(DP, P, m, 1, n, m, GA + (n_iters - 1) * n, BR, BC)
-    _dp_p_sums(DP, P, 1, m, m, n, GB + n_iters * m, BC, BR)
+    _exp_sums(X, DP, m, 1, n, m, a_last, b_last, GA + (n_iters - 1) * n, accumulate=False,
+              W_MATRIX=True, BO=BR, BI=BC)
+    _exp_sums(X, DP, 1, m, m, n, b_last, a_last, GB + n_iters * m, accumulate=False, W_MATRIX=True,
+              BO=BC, BI=BR)
     tl.debug_barrier()
     for s in range(n_iters):
         t = n_iters - 1 - s
-        # column step: b_{t+1} = colLSE(x - a_{t+1}) sends -sum_j gb[j] C[i, j] to a_{t+1}
-        _weighted_sums(X, m, 1, n, m, A + t * n, B + (t + 1) * m, GB + (t + 1) * m, GA + t * n, BR, BC)
+        # column step: b_{t+1} = colLSE(x - a_{t+1}) sends -sum_j gb[j] C[i, j] to a_{t+1} (a_T has dP * P's)
+        _exp_sums(X, GB + (t + 1) * m, m, 1, n, m, A + t * n, B + (t + 1) * m, GA + t * n,
+                  accumulate=s == 0, W_MATRIX=False, BO=BR, BI=BC)
         tl.debug_barrier()
-        # row step: a_{t+1} = rowLSE(x - b_t) sends -sum_i ga[i] R[i, j] to b_t
-        _weighted_sums(X, 1, m, m, n, B + t * m, A + t * n, GA + t * n, GB + t * m, BC, BR)
+        # row step: a_{t+1} = rowLSE(x - b_t) sends -sum_i ga[i] R[i, j] to b_t, unless t = 0
+        if t > 0:
+            _exp_sums(X, GA + t * n, 1, m, m, n, B + t * m, A + t * n, GB + t * m,
+                      accumulate=False, W_MATRIX=False, BO=BC, BI=BR)
         tl.debug_barrier()
-    # dx = dP * P + sum_t (gb_{t+1}[j] C_{t+1} + ga_{t+1}[i] R_{t+1})
+    # dx = dP * P + sum_t (gb_{t+1}[j] C_{t+1} + ga_{t+1}[i] R_{t+1}), where P is the last C
     for i0 in range(0, n, BR):
         rows = i0 + tl.arange(0, BR)
         for j0 in range(0, m, BC):
@@ -108,31 +126,18 @@ def _sinkhorn_bwd(X, P, DP, DX, A, B, GA, GB, n, m, n_iters, BR: tl.constexpr, B
             ok = (rows[:, None] < n) & (cols[None, :] < m)
             offs = rows[:, None] * m + cols[None, :]
             x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-            dx = tl.load(DP + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(P + offs, mask=ok, other=0.0)
+            dx = tl.zeros([BR, BC], tl.float32)
+            c = tl.zeros([BR, BC], tl.float32)
             for t in range(n_iters):
                 a = tl.load(A + t * n + rows, mask=rows < n, other=0.0)
                 b_prev = tl.load(B + t * m + cols, mask=cols < m, other=0.0)
                 b = tl.load(B + (t + 1) * m + cols, mask=cols < m, other=0.0)
                 ga = tl.load(GA + t * n + rows, mask=rows < n, other=0.0)
                 gb = tl.load(GB + (t + 1) * m + cols, mask=cols < m, other=0.0)
-                dx += gb[None, :] * tl.exp(x - a[:, None] - b[None, :])
-                dx += ga[:, None] * tl.exp(x - a[:, None] - b_prev[None, :])
-            tl.store(DX + offs, dx, mask=ok)
-
-
-@triton.jit
-def _dp_p_sums(DP, P, s_out, s_in, n_out, n_in, OUT, BO: tl.constexpr, BI: tl.constexpr):
-    """OUT[o] = -sum_i (dP P)[o * s_out + i * s_in]: row sums with (m, 1), column sums with (1, m)."""
-    for o0 in range(0, n_out, BO):
-        outs = o0 + tl.arange(0, BO)
-        acc = tl.zeros([BO], tl.float32)
-        for i0 in range(0, n_in, BI):
-            ins = i0 + tl.arange(0, BI)
-            ok = (outs[:, None] < n_out) & (ins[None, :] < n_in)
-            offs = outs[:, None] * s_out + ins[None, :] * s_in
-            dp = tl.load(DP + offs, mask=ok, other=0.0).to(tl.float32)
-            acc += tl.sum(dp * tl.load(P + offs, mask=ok, other=0.0), axis=1)
-        tl.store(OUT + outs, -acc, mask=outs < n_out)
+                c = tl.exp(x - a[:, None] - b[None, :])
+                dx += gb[None, :] * c + ga[:, None] * tl.exp(x - a[:, None] - b_prev[None, :])
+            dx += tl.load(DP + offs, mask=ok, other=0.0).to(tl.float32) * c
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
 
 
 def _tiles(n, m):
@@ -140,21 +145,22 @@ def _tiles(n, m):
 
 
 def forward(x, n_iters):
-    """x [G, n, m] contiguous, n_iters >= 1 -> (P fp32, row offsets [G, T, n], column offsets [G, T + 1, m])."""
+    """x [G, n, m] contiguous, n_iters >= 1 -> (P in x's dtype, row offsets [G, T, n], column offsets
+    [G, T + 1, m], both fp32)."""
     G, n, m = x.shape
-    p = new_output(torch.empty(G, n, m, device=x.device, dtype=torch.float32))
+    p = new_output(torch.empty_like(x))
     a = new_output(torch.empty(G, n_iters, n, device=x.device, dtype=torch.float32))
-    b = torch.zeros(G, n_iters + 1, m, device=x.device, dtype=torch.float32)
+    b = new_output(torch.empty(G, n_iters + 1, m, device=x.device, dtype=torch.float32))
     BR, BC = _tiles(n, m)
     _sinkhorn_fwd[(G,)](x, p, a, b, n, m, n_iters, BR=BR, BC=BC, num_warps=4)
     return p, a, b
 
 
-def backward(dp, x, p, a, b):
+def backward(dp, x, a, b):
+    """dp [G, n, m] in any float dtype -> dx in x's dtype."""
     G, n, m = x.shape
-    dx = new_output(torch.empty(G, n, m, device=x.device, dtype=torch.float32))
-    ga, gb = torch.zeros_like(a), torch.zeros_like(b)
+    dx = new_output(torch.empty_like(x))
+    ga, gb = torch.empty_like(a), torch.empty_like(b)
     BR, BC = _tiles(n, m)
-    _sinkhorn_bwd[(G,)](x, p, dp.contiguous(), dx, a, b, ga, gb, n, m, a.shape[1], BR=BR, BC=BC, num_warps=4)
+    _sinkhorn_bwd[(G,)](x, dp.contiguous(), dx, a, b, ga, gb, n, m, a.shape[1], BR=BR, BC=BC, num_warps=4)
     return dx
-
