@@ -4,11 +4,13 @@ the compiler rejects (and a tile that needs more shared memory than the GPU has)
 
 `record(specs)` notes every launch the interpreter runs (kernel, argument types, constexprs, warps and stages);
 `compile_all(specs, arch)` compiles each distinct one in a fresh process where the kernels are not interpreted
-(this file run as a script) and returns their shared memory in bytes, or the compiler's error.
+(this file run as a script) and returns their resources (shared memory, and registers a thread read from the
+cubin by the cuobjdump that Triton ships), or the compiler's error.
 """
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -70,12 +72,25 @@ def distinct(specs):
 
 
 def compile_all(specs, arch):
-    """-> [(spec, shared memory bytes or None, error or None)] for the distinct specs, compiled for sm_`arch`."""
+    """-> [(spec, resources or None, error or None)] for the distinct specs, compiled for sm_`arch`; resources:
+    dict(shared=bytes, registers=count)."""
     specs = distinct(specs)
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     done = subprocess.run([sys.executable, __file__, str(arch)], input=json.dumps(specs), capture_output=True,
                           text=True, env=env, check=True)
-    return [(s, r['shared'], r['error']) for s, r in zip(specs, json.loads(done.stdout))]
+    return [(s, r['resources'], r['error']) for s, r in zip(specs, json.loads(done.stdout))]
+
+
+def _registers(cubin):
+    import tempfile
+
+    from triton import knobs
+    with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, '-res-usage', f.name], capture_output=True, text=True,
+                               check=True).stdout
+    return int(re.search(r'\bREG:(\d+)', usage).group(1))
 
 
 def _compile(s, arch):
@@ -90,9 +105,9 @@ def _compile(s, arch):
     try:
         kernel = triton.compile(src, target=GPUTarget('cuda', arch, 32),
                                 options=dict(num_warps=s['num_warps'], num_stages=s['num_stages']))
-        return dict(shared=kernel.metadata.shared, error=None)
     except Exception as e:  # the compiler's message is the result
-        return dict(shared=None, error=f'{type(e).__name__}: {e}'[:2000])
+        return dict(resources=None, error=f'{type(e).__name__}: {e}'[:2000])
+    return dict(resources=dict(shared=kernel.metadata.shared, registers=_registers(kernel.asm['cubin'])), error=None)
 
 
 if __name__ == '__main__':
