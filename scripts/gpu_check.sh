@@ -5,7 +5,8 @@
 # benchmarks of the performance goals (each in its own process, so a crash loses one), then a wider sweep while
 # time is left. Everything lands in ${1:-$OUT}, written as it goes so that a run cut short still reports, in seven
 # files (the device tool returns eight at most): device.txt, steps.log, gpu_tests.log, bench.log,
-# bench/results.csv + bench/summary.md (all benchmark runs together) and profile.txt (the 16k layer).
+# bench/results.csv + bench/summary.md (all benchmark runs together) and profile.txt (the 16k layer and
+# the Sinkhorn goal's step).
 set -uo pipefail
 out=${1:-${OUT:?give an output folder or set OUT}}
 mkdir -p "$out"
@@ -49,7 +50,7 @@ bench layer16k-compiled 120 --ops layer --seq-lens 16384 --impls reference 'sink
   --warmup 3 --repeats 10
 bench attention64k 75 --ops sinkhorn_attention --seq-lens 65536 --impls $ours sdpa reference --warmup 3 --repeats 10
 bench sinkhorn128 45 --ops sinkhorn --seq-lens 8192 --impls $ours 'sinkhorn_kernels[reference]' reference
-# where the 16k layer's time goes (kernels and launches), one file
+# where the time goes (kernels and launches) in the 16k layer and in the Sinkhorn goal's step, one file
 step profile
 timeout 60 python3 - > "$out/profile.txt" 2>&1 <<'PY'
 import torch
@@ -57,18 +58,26 @@ from torch.profiler import ProfilerActivity, profile
 
 import sinkhorn_kernels as sk
 
-layer = sk.SinkhornSelfAttention(512, 64, 16384, heads=8, n_top_buckets=2).cuda().bfloat16()
-x = torch.randn(1, 16384, 512, device='cuda', dtype=torch.bfloat16, requires_grad=True)
-step = lambda: layer(x).float().sum().backward()
-for _ in range(3):
-    step()
-torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    for _ in range(5):
+
+def profiled(name, step):
+    for _ in range(3):
         step()
     torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=30))
-print(prof.key_averages().table(sort_by='cpu_time_total', row_limit=20))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(f'== {name}, 5 steps')
+    print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=30))
+    print(prof.key_averages().table(sort_by='cpu_time_total', row_limit=20))
+
+
+layer = sk.SinkhornSelfAttention(512, 64, 16384, heads=8, n_top_buckets=2).cuda().bfloat16()
+x = torch.randn(1, 16384, 512, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+profiled('layer, 16k tokens, forward + backward', lambda: layer(x).float().sum().backward())
+scores = torch.randn(512, 128, 128, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+profiled('Sinkhorn normalization, 512 x 128 x 128, 8 iterations, forward + backward',
+         lambda: sk.ops.sinkhorn_normalize(scores, 8).float().sum().backward())
 PY
 # the wider sweep, as far as time allows (FlexAttention with the same block pattern included)
 bench sweep 90 --seq-lens 1024 4096 16384 --warmup 3 --repeats 10
