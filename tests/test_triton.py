@@ -274,6 +274,16 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(func, args)
 
 
+def test_launch_sizes_agree_with_triton():
+    """The launchers size tiles and grids with plain arithmetic (`ops.tiles`), Triton's constexpr functions being
+    slow host calls; the results must be the same."""
+    import triton
+    from sinkhorn_kernels.ops.tiles import cdiv, dot_tile, next_power_of_2
+    for n in range(1, 2100):
+        assert next_power_of_2(n) == triton.next_power_of_2(n) and dot_tile(n) == max(16, next_power_of_2(n))
+        assert all(cdiv(n, d) == triton.cdiv(n, d) for d in (1, 3, 16, 64, 97))
+
+
 def graph_nodes(t):
     """The names of the autograd nodes that lead to t."""
     names, todo = [], [t.grad_fn]

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..outputs import new_output
+from ..tiles import cdiv, dot_tile, next_power_of_2
 from .routes import BackwardBuffers, new_attention_output
 
 
@@ -349,9 +350,9 @@ def write_reverse_index(idx, readers, start, count, Nk):
     """Writes the reverse index of routes idx [B, H, Nq, R] into readers [B x H, Nq * R], start and count
     [B x H, Nk + 1] (see `_reverse_index`)."""
     BH, E = readers.shape
-    group = min(16, triton.next_power_of_2(Nk))
-    _reverse_index[(triton.cdiv(Nk, group), BH)](idx, readers, start, count, E, Nk, GROUP=group,
-                                                 BLOCK_E=min(256, triton.next_power_of_2(E)))
+    group = min(16, next_power_of_2(Nk))
+    _reverse_index[(cdiv(Nk, group), BH)](idx, readers, start, count, E, Nk, GROUP=group,
+                                          BLOCK_E=min(256, next_power_of_2(E)))
 
 
 # readers of a key block per dK/dV program (a split block's chunks take up to twice as many). Split blocks cost
@@ -360,14 +361,10 @@ def write_reverse_index(idx, readers, start, count, Nk):
 READERS_PER_PROGRAM = 16
 
 
-def _pow2(x):
-    return max(16, triton.next_power_of_2(x))
-
-
 def _row_tile(bs, d, elem):
     """Query rows per program: the whole bucket while its query tile is at most 16 KB; fewer rows otherwise (a
     bf16 bucket of 128 x 128 needs 256 KB of shared memory in the dQ kernel, over the 227 KB of an H100)."""
-    return min(_pow2(bs), max(16, 16384 // (_pow2(d) * elem)))
+    return min(dot_tile(bs), max(16, 16384 // (dot_tile(d) * elem)))
 
 
 def _pipeline_stages(block_n, block_d, elem):
@@ -389,13 +386,14 @@ class Launch:
         self.mask_strides = (*qm_strides, *km_strides)
         self.sizes = (self.H, self.Nq, self.Nk, self.R, n_rotated_heads if causal else 0, scale, dropout_p, seed)
         block_m = _row_tile(bs, self.D, q.element_size())
-        self.row_tiles = triton.cdiv(bs, block_m)
-        self.meta = dict(BS=bs, KBS=kbs, D=self.D, BLOCK_M=block_m, BLOCK_N=_pow2(kbs), BLOCK_D=_pow2(self.D),
+        self.row_tiles = cdiv(bs, block_m)
+        self.meta = dict(BS=bs, KBS=kbs, D=self.D, BLOCK_M=block_m, BLOCK_N=dot_tile(kbs),
+                         BLOCK_D=dot_tile(self.D),
                          CAUSAL=causal, HAS_NULL=null_k is not None, HAS_QMASK=q_mask is not None,
                          HAS_KVMASK=kv_mask is not None,
                          PRECISION='ieee' if q.dtype == torch.float32 else 'tf32', DROPOUT=dropout_p > 0,
-                         num_warps=4 if _pow2(bs) * _pow2(self.D) <= 64 * 64 else 8,
-                         num_stages=_pipeline_stages(_pow2(kbs), _pow2(self.D), q.element_size()),
+                         num_warps=4 if dot_tile(bs) * dot_tile(self.D) <= 64 * 64 else 8,
+                         num_stages=_pipeline_stages(dot_tile(kbs), dot_tile(self.D), q.element_size()),
                          ROW_TILES=self.row_tiles)
 
     def masks(self, dummy):
@@ -445,7 +443,7 @@ def backward(dout, q, k, v, out, lse, idx, w, null_k, null_v, q_mask, kv_mask, b
     plan = new_output(torch.empty(L.B * L.H, 2, L.Nk + 1, device=q.device, dtype=torch.int32))
     owner = new_output(torch.empty(L.B * L.H, n_programs, device=q.device, dtype=torch.int32))
     _chunk_plan[(L.B * L.H,)](buf.count, plan, owner, L.Nk, per_program, n_programs,
-                              BLOCK=min(1024, triton.next_power_of_2(L.Nk)))
+                              BLOCK=min(1024, next_power_of_2(L.Nk)))
     n_slots = max(1, E // per_program)
     meta = L.meta
     parts = new_output(torch.empty(L.B * L.H, n_slots, 2, meta['BLOCK_N'], meta['BLOCK_D'], device=q.device,

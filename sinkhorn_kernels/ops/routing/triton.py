@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..outputs import new_output
+from ..tiles import dot_tile
 
 # the widest row of scores one program holds (key buckets plus causal null columns: 1M tokens at bucket 64)
 MAX_COLUMNS = 16384
@@ -91,7 +92,7 @@ def _launch_shape(scores):
     if n_cols > MAX_COLUMNS:
         raise ValueError(f'the triton routing kernel takes at most {MAX_COLUMNS} key buckets (and null columns), got '
                          f'{n_cols}; use larger buckets or backend=\'reference\'')
-    return (n_rows, G), dict(BLOCK=max(16, triton.next_power_of_2(n_cols)), num_warps=4 if n_cols <= 4096 else 8)
+    return (n_rows, G), dict(BLOCK=dot_tile(n_cols), num_warps=4 if n_cols <= 4096 else 8)
 
 
 def forward(scores, k, temperature, causal, n_null, n_query_buckets, own_bucket):

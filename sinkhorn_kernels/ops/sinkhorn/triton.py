@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..outputs import new_output
+from ..tiles import next_power_of_2
 
 
 @triton.jit
@@ -147,7 +148,7 @@ def _tiles(n, m):
     (64 x 128 took 255 and spilled in backward), so 4 programs fit an SM and 512 matrices run in one wave
     (tests/test_triton_compiles.py holds this)."""
     aligned = n % 16 == 0 and m % 16 == 0
-    return min(32, triton.next_power_of_2(n)), min(64 if aligned else 32, triton.next_power_of_2(m))
+    return min(32, next_power_of_2(n)), min(64 if aligned else 32, next_power_of_2(m))
 
 
 def forward(x, n_iters):

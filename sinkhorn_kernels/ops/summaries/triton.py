@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..outputs import carve, new_output
+from ..tiles import cdiv, dot_tile
 from .reference import add_bucket_mean_vjp, masked_bucket_mean, zero_masked
 
 # what a tensor's summaries are (NONE: not computed here)
@@ -195,10 +196,6 @@ def _add_vjp(DSQ, QLATER, DQ, QM, QC, DSK, KLATER, DK, KM, KC, H, Nq, Nk, BS, KB
                     MODE_K, HAS_KVMASK, BLOCK_TK, BLOCK_D)
 
 
-def _pow2(x):
-    return max(16, triton.next_power_of_2(x))
-
-
 class _Launch:
     """Sizes, modes, masks and their counts of one call, on q and k (or dq and dk)."""
 
@@ -212,11 +209,11 @@ class _Launch:
         q_counts = counts(q_mask)
         self.counts = (q_counts, q_counts if kv_mask is q_mask else counts(kv_mask))
         self.masks = (q_mask, kv_mask)
-        self.block_d = _pow2(self.D)
+        self.block_d = dot_tile(self.D)
         self.meta = dict(MODE_Q=modes[0], MODE_K=modes[1], HAS_QMASK=q_mask is not None,
                          HAS_KVMASK=kv_mask is not None)
-        self.tiles = dict(BLOCK_TQ=_pow2(bs), BLOCK_TK=_pow2(kbs), BLOCK_D=self.block_d,
-                          num_warps=4 if max(_pow2(bs), _pow2(kbs)) * self.block_d <= 64 * 64 else 8)
+        self.tiles = dict(BLOCK_TQ=dot_tile(bs), BLOCK_TK=dot_tile(kbs), BLOCK_D=self.block_d,
+                          num_warps=4 if max(dot_tile(bs), dot_tile(kbs)) * self.block_d <= 64 * 64 else 8)
         self.sizes = (self.H, self.Nq, self.Nk, bs, kbs, self.D)
 
     def row_strides(self, dummy):
@@ -228,7 +225,7 @@ class _Launch:
 
     def scan_grid(self):
         block = min(self.block_d, 64)
-        return (self.B * self.H, triton.cdiv(self.D, block), 2), block
+        return (self.B * self.H, cdiv(self.D, block), 2), block
 
 
 def forward(q, k, q_mask, kv_mask, bs, kbs, causal, n_sortcut):
