@@ -245,7 +245,7 @@ def test_sort_summaries_vjp_kernels_into_one_tensor(causal, masked, monkeypatch)
 def test_custom_ops_pass_opcheck():
     """torch.library.opcheck (schema and mutations, fake tensors, autograd registration, AOT dispatch) on every
     custom op of the triton backend, with the arguments a layer step gives it: causal with padding and dropout,
-    SortCut, and Gumbel-Sinkhorn mode."""
+    SortCut, and Gumbel-Sinkhorn mode; and plain Sinkhorn normalization."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     calls = {}
@@ -265,13 +265,40 @@ def test_custom_ops_pass_opcheck():
                             dict(non_permutative=False)):
                 layer = sk.SinkhornSelfAttention(16, 8, 32, heads=2, **options)
                 layer(x, input_mask=mask).sum().backward()
+            ops.sinkhorn_normalize(torch.randn(2, 5, 6, requires_grad=True), 3).sum().backward()
     finally:
         sk.set_backend(None)
     assert {f.__name__.split('.')[0] for f in calls} == {
         'block_attention_fwd', 'block_attention_bwd', 'topk_routes_fwd', 'topk_routes_bwd', 'sort_summaries',
-        'add_sort_summaries_vjp', 'sinkhorn_fwd', 'sinkhorn_bwd'}
+        'add_sort_summaries_vjp', 'gumbel_sinkhorn_fwd', 'gumbel_sinkhorn_bwd', 'sinkhorn_fwd', 'sinkhorn_bwd'}
     for func, args in calls.items():
         torch.library.opcheck(func, args)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('noise', [True, False], ids=['noise', 'no_noise'])
+@pytest.mark.parametrize('shape', [(3, 5, 7), (2, 48, 144)])
+def test_gumbel_sinkhorn(shape, noise, dtype):
+    """The kernels make the log-scores and their Gumbel noise themselves, from the uniform samples of one
+    torch.rand in the scores' dtype: under one seed they match the fp64 reference on those same samples, output
+    and the scores' gradient (fp16 by FlashAttention's rule, against the reference backend in fp16)."""
+    from sinkhorn_kernels.ops.sinkhorn import reference
+    scores = torch.rand(shape, dtype=torch.float64) + 0.05
+    dp = torch.randn(shape, dtype=torch.float64)
+
+    def run(fn, dt):
+        t = scores.to(dt).clone().requires_grad_()
+        torch.manual_seed(7)
+        out = fn(t)
+        out.backward(dp.to(out.dtype))
+        return [out, t.grad]
+
+    torch.manual_seed(7)
+    uniform = torch.rand(shape, dtype=dtype).double() if noise else None
+    exact = run(lambda t: reference.sinkhorn_normalize(reference.log_scores(t, uniform, 0.7), 3), torch.float64)
+    ours = run(lambda t: ops.gumbel_sinkhorn(t, 3, 0.7, noise=noise, backend='triton'), dtype)
+    baseline = run(lambda t: ops.gumbel_sinkhorn(t, 3, 0.7, noise=noise, backend='reference'), dtype)
+    check(ours, exact, baseline, dtype, ['p', 'dscores'])
 
 
 def test_launch_sizes_agree_with_triton():

@@ -5,6 +5,10 @@ b_t = colLSE(x - a_t), so a program iterates only these vectors (kept per iterat
 walks the matrix in tiles: any size works, and nothing of size n x m is stored but the output, in x's dtype.
 Backward rebuilds every iterate, P among them, from x and the vectors: it computes the offsets' gradients in a
 reverse sweep, then dx in one pass. Each kernel writes every element of its buffers, so none is zeroed first.
+
+Gumbel-Sinkhorn runs in the same two kernels: forward first writes the log-scores x = (log(s + eps) + g) / tau
+of the scores s, in fp32, with the Gumbel noise g = -log(-log(u + eps) + eps) of uniform samples u, and
+iterates on them; backward ends with the chain rule ds = dx / (tau (s + eps)).
 """
 import torch
 import triton
@@ -35,13 +39,33 @@ def _lse_along(X, s_out, s_in, n_out, n_in, OFF, OUT, BO: tl.constexpr, BI: tl.c
 
 
 @triton.jit
-def _sinkhorn_fwd(X, P, A, B, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr):
-    """A[t] = a_{t+1} (row offsets), B[t] = b_t (column offsets, b_0 = 0); P = exp(x - a_T - b_T) in P's dtype."""
+def _log_scores(S, U, X, n, m, inv_temp, eps, NOISE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """X = (log(S + eps) + g) * inv_temp in fp32, with g the Gumbel noise of the uniform samples U when NOISE."""
+    for i0 in range(0, n, BR):
+        rows = i0 + tl.arange(0, BR)
+        for j0 in range(0, m, BC):
+            cols = j0 + tl.arange(0, BC)
+            ok = (rows[:, None] < n) & (cols[None, :] < m)
+            offs = rows[:, None] * m + cols[None, :]
+            z = tl.log(tl.load(S + offs, mask=ok, other=1.0).to(tl.float32) + eps)
+            if NOISE:
+                u = tl.load(U + offs, mask=ok, other=0.5).to(tl.float32)
+                z -= tl.log(-tl.log(u + eps) + eps)
+            tl.store(X + offs, z * inv_temp, mask=ok)
+
+
+@triton.jit
+def _sinkhorn_fwd(X, P, A, B, S, U, n, m, n_iters, inv_temp, eps, SCORES: tl.constexpr, NOISE: tl.constexpr,
+                  BR: tl.constexpr, BC: tl.constexpr):
+    """A[t] = a_{t+1} (row offsets), B[t] = b_t (column offsets, b_0 = 0); P = exp(x - a_T - b_T) in P's dtype.
+    SCORES: x is an fp32 buffer that the kernel fills from the scores S (and the uniform samples U when NOISE)."""
     g = tl.program_id(0).to(tl.int64)
     X += g * n * m
     P += g * n * m
     A += g * n_iters * n
     B += g * (n_iters + 1) * m
+    if SCORES:
+        _log_scores(S + g * n * m, U + g * n * m, X, n, m, inv_temp, eps, NOISE, BR, BC)
     for j0 in range(0, m, BC):
         cols = j0 + tl.arange(0, BC)
         tl.store(B + cols, tl.zeros([BC], tl.float32), mask=cols < m)
@@ -90,10 +114,12 @@ def _exp_sums(X, W, s_out, s_in, n_out, n_in, OWN, OTHER, OUT, accumulate, W_MAT
 
 
 @triton.jit
-def _sinkhorn_bwd(X, DP, DX, A, B, GA, GB, n, m, n_iters, BR: tl.constexpr, BC: tl.constexpr):
+def _sinkhorn_bwd(X, DP, DX, A, B, GA, GB, S, n, m, n_iters, inv_temp, eps, SCORES: tl.constexpr,
+                  BR: tl.constexpr, BC: tl.constexpr):
     """GA, GB: the gradients of the offsets, laid out as A and B (GB[0], that of the constant b_0, is left
-    unwritten)."""
+    unwritten). SCORES: x came from the scores S (see `_sinkhorn_fwd`), whose gradient DX is."""
     g = tl.program_id(0).to(tl.int64)
+    S += g * n * m
     X += g * n * m
     DP += g * n * m
     DX += g * n * m
@@ -138,6 +164,8 @@ def _sinkhorn_bwd(X, DP, DX, A, B, GA, GB, n, m, n_iters, BR: tl.constexpr, BC: 
                 c = tl.exp(x - a[:, None] - b[None, :])
                 dx += gb[None, :] * c + ga[:, None] * tl.exp(x - a[:, None] - b_prev[None, :])
             dx += tl.load(DP + offs, mask=ok, other=0.0).to(tl.float32) * c
+            if SCORES:
+                dx *= inv_temp / (tl.load(S + offs, mask=ok, other=1.0).to(tl.float32) + eps)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
 
 
@@ -151,23 +179,28 @@ def _tiles(n, m):
     return min(32, next_power_of_2(n)), min(64 if aligned else 32, next_power_of_2(m))
 
 
-def forward(x, n_iters):
+def forward(x, n_iters, scores=None, noise=None, temperature=1.0, eps=0.0):
     """x [G, n, m] contiguous, n_iters >= 1 -> (P in x's dtype, row offsets [G, T, n], column offsets
-    [G, T + 1, m], both fp32)."""
+    [G, T + 1, m], both fp32). With `scores` (contiguous, as x), x is an fp32 buffer to fill with their
+    log-scores (see the module's docstring; `noise`: the uniform samples, or None), and P is in the scores'
+    dtype."""
     G, n, m = x.shape
-    p = new_output(torch.empty_like(x))
+    p = new_output(torch.empty_like(x if scores is None else scores))
     a = new_output(torch.empty(G, n_iters, n, device=x.device, dtype=torch.float32))
     b = new_output(torch.empty(G, n_iters + 1, m, device=x.device, dtype=torch.float32))
     BR, BC = _tiles(n, m)
-    _sinkhorn_fwd[(G,)](x, p, a, b, n, m, n_iters, BR=BR, BC=BC, num_warps=4)
+    s = scores if scores is not None else x
+    _sinkhorn_fwd[(G,)](x, p, a, b, s, noise if noise is not None else s, n, m, n_iters, 1.0 / temperature, eps,
+                        SCORES=scores is not None, NOISE=noise is not None, BR=BR, BC=BC, num_warps=4)
     return p, a, b
 
 
-def backward(dp, x, a, b):
-    """dp [G, n, m] in any float dtype -> dx in x's dtype."""
+def backward(dp, x, a, b, scores=None, temperature=1.0, eps=0.0):
+    """dp [G, n, m] in any float dtype -> dx in x's dtype, or with `scores` (see `forward`) their gradient."""
     G, n, m = x.shape
-    dx = new_output(torch.empty_like(x))
+    dx = new_output(torch.empty_like(x if scores is None else scores))
     ga, gb = torch.empty_like(a), torch.empty_like(b)
     BR, BC = _tiles(n, m)
-    _sinkhorn_bwd[(G,)](x, dp.contiguous(), dx, a, b, ga, gb, n, m, a.shape[1], BR=BR, BC=BC, num_warps=4)
+    _sinkhorn_bwd[(G,)](x, dp.contiguous(), dx, a, b, ga, gb, scores if scores is not None else x, n, m, a.shape[1],
+                        1.0 / temperature, eps, SCORES=scores is not None, BR=BR, BC=BC, num_warps=4)
     return dx
