@@ -39,14 +39,19 @@ def _lse_along(X, s_out, s_in, n_out, n_in, OFF, OUT, BO: tl.constexpr, BI: tl.c
 
 
 @triton.jit
+def _tile(i0, j0, n, m, BR: tl.constexpr, BC: tl.constexpr):
+    """Rows, columns, mask and offsets of the BR x BC tile at (i0, j0) of a row-major n x m matrix."""
+    rows = i0 + tl.arange(0, BR)
+    cols = j0 + tl.arange(0, BC)
+    return rows, cols, (rows[:, None] < n) & (cols[None, :] < m), rows[:, None] * m + cols[None, :]
+
+
+@triton.jit
 def _log_scores(S, U, X, n, m, inv_temp, eps, NOISE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     """X = (log(S + eps) + g) * inv_temp in fp32, with g the Gumbel noise of the uniform samples U when NOISE."""
     for i0 in range(0, n, BR):
-        rows = i0 + tl.arange(0, BR)
         for j0 in range(0, m, BC):
-            cols = j0 + tl.arange(0, BC)
-            ok = (rows[:, None] < n) & (cols[None, :] < m)
-            offs = rows[:, None] * m + cols[None, :]
+            rows, cols, ok, offs = _tile(i0, j0, n, m, BR, BC)
             z = tl.log(tl.load(S + offs, mask=ok, other=1.0).to(tl.float32) + eps)
             if NOISE:
                 u = tl.load(U + offs, mask=ok, other=0.5).to(tl.float32)
@@ -77,15 +82,13 @@ def _sinkhorn_fwd(X, P, A, B, S, U, n, m, n_iters, inv_temp, eps, SCORES: tl.con
         tl.debug_barrier()
     a_last, b_last = A + (n_iters - 1) * n, B + n_iters * m
     for i0 in range(0, n, BR):
-        rows = i0 + tl.arange(0, BR)
-        a = tl.load(a_last + rows, mask=rows < n, other=0.0)
         for j0 in range(0, m, BC):
-            cols = j0 + tl.arange(0, BC)
-            ok = (rows[:, None] < n) & (cols[None, :] < m)
-            x = tl.load(X + rows[:, None] * m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            rows, cols, ok, offs = _tile(i0, j0, n, m, BR, BC)
+            x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+            a = tl.load(a_last + rows, mask=rows < n, other=0.0)
             b = tl.load(b_last + cols, mask=cols < m, other=0.0)
             p = tl.exp(x - a[:, None] - b[None, :])
-            tl.store(P + rows[:, None] * m + cols[None, :], p.to(P.dtype.element_ty), mask=ok)
+            tl.store(P + offs, p.to(P.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -147,11 +150,8 @@ def _sinkhorn_bwd(X, DP, DX, A, B, GA, GB, S, n, m, n_iters, inv_temp, eps, SCOR
         tl.debug_barrier()
     # dx = dP * P + sum_t (gb_{t+1}[j] C_{t+1} + ga_{t+1}[i] R_{t+1}), where P is the last C
     for i0 in range(0, n, BR):
-        rows = i0 + tl.arange(0, BR)
         for j0 in range(0, m, BC):
-            cols = j0 + tl.arange(0, BC)
-            ok = (rows[:, None] < n) & (cols[None, :] < m)
-            offs = rows[:, None] * m + cols[None, :]
+            rows, cols, ok, offs = _tile(i0, j0, n, m, BR, BC)
             x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
             dx = tl.zeros([BR, BC], tl.float32)
             c = tl.zeros([BR, BC], tl.float32)
