@@ -11,7 +11,7 @@ from sinkhorn_kernels import available_backends, ops
 from sinkhorn_kernels.ops import outputs
 from inputs import GRID, separated_qk
 from rules import assert_within_rule
-from test_triton import check, every_busy_block_split, plain_sinkhorn  # noqa: F401 (a fixture)
+from test_triton import check, every_busy_block_split, gumbel_sinkhorn_runs, plain_sinkhorn  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gpu
 
@@ -91,6 +91,13 @@ def test_sinkhorn_normalize_against_fp64_reference(backend, dtype, n):
     exact = run(lambda t: ops.sinkhorn_normalize(t, 8, backend='reference'), torch.float64)
     ours = run(lambda t: ops.sinkhorn_normalize(t, 8, backend=backend), dtype)
     check(ours, exact, run(lambda t: plain_sinkhorn(t, 8), dtype), dtype, ['p', 'dx'])
+
+
+@pytest.mark.parametrize('n', [7, 100])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_gumbel_sinkhorn_against_fp64_reference_on_the_same_noise(backend, dtype, n):
+    check(*gumbel_sinkhorn_runs((6, n, n), True, dtype, backend, 'cuda'), dtype, ['p', 'dscores'])
 
 
 @pytest.mark.parametrize('backend', BACKENDS)

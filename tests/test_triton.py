@@ -275,16 +275,13 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(func, args)
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
-@pytest.mark.parametrize('noise', [True, False], ids=['noise', 'no_noise'])
-@pytest.mark.parametrize('shape', [(3, 5, 7), (2, 48, 144)])
-def test_gumbel_sinkhorn(shape, noise, dtype):
-    """The kernels make the log-scores and their Gumbel noise themselves, from the uniform samples of one
-    torch.rand in the scores' dtype: under one seed they match the fp64 reference on those same samples, output
-    and the scores' gradient (fp16 by FlashAttention's rule, against the reference backend in fp16)."""
+def gumbel_sinkhorn_runs(shape, noise, dtype, backend, device='cpu'):
+    """(ours, exact, baseline) outputs and scores' gradients of Gumbel-Sinkhorn under one seed: `backend` in
+    `dtype`, the fp64 reference on the same uniform samples (one torch.rand in `dtype`, as every backend draws
+    them), and the reference backend in `dtype`."""
     from sinkhorn_kernels.ops.sinkhorn import reference
-    scores = torch.rand(shape, dtype=torch.float64) + 0.05
-    dp = torch.randn(shape, dtype=torch.float64)
+    scores = torch.rand(shape, dtype=torch.float64, device=device) + 0.05
+    dp = torch.randn(shape, dtype=torch.float64, device=device)
 
     def run(fn, dt):
         t = scores.to(dt).clone().requires_grad_()
@@ -294,11 +291,21 @@ def test_gumbel_sinkhorn(shape, noise, dtype):
         return [out, t.grad]
 
     torch.manual_seed(7)
-    uniform = torch.rand(shape, dtype=dtype).double() if noise else None
+    uniform = torch.rand(shape, dtype=dtype, device=device).double() if noise else None
     exact = run(lambda t: reference.sinkhorn_normalize(reference.log_scores(t, uniform, 0.7), 3), torch.float64)
-    ours = run(lambda t: ops.gumbel_sinkhorn(t, 3, 0.7, noise=noise, backend='triton'), dtype)
+    ours = run(lambda t: ops.gumbel_sinkhorn(t, 3, 0.7, noise=noise, backend=backend), dtype)
     baseline = run(lambda t: ops.gumbel_sinkhorn(t, 3, 0.7, noise=noise, backend='reference'), dtype)
-    check(ours, exact, baseline, dtype, ['p', 'dscores'])
+    return ours, exact, baseline
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('noise', [True, False], ids=['noise', 'no_noise'])
+@pytest.mark.parametrize('shape', [(3, 5, 7), (2, 48, 144)])
+def test_gumbel_sinkhorn(shape, noise, dtype):
+    """The kernels make the log-scores and their Gumbel noise themselves, from the uniform samples of one
+    torch.rand in the scores' dtype: under one seed they match the fp64 reference on those same samples, output
+    and the scores' gradient (fp16 by FlashAttention's rule, against the reference backend in fp16)."""
+    check(*gumbel_sinkhorn_runs(shape, noise, dtype, 'triton'), dtype, ['p', 'dscores'])
 
 
 def test_launch_sizes_agree_with_triton():
