@@ -44,12 +44,14 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark process, appending to the
 mkdir -p "$out/bench"
 ours='sinkhorn_kernels[triton] sinkhorn_kernels[cuda]'
 # the goals: layer at 16k vs the reference; block attention at 64k vs dense SDPA; Sinkhorn 512 x 128 x 128, 8 iters
+# (and Gumbel-Sinkhorn of that size beside it)
 bench layer16k 75 --ops layer --seq-lens 16384 --impls $ours reference --warmup 3 --repeats 10
 # ours under torch.compile (launch overhead was most of the eager layer's time), against the eager reference
 bench layer16k-compiled 120 --ops layer --seq-lens 16384 --impls reference 'sinkhorn_kernels[triton]+compile' \
   --warmup 3 --repeats 10
 bench attention64k 75 --ops sinkhorn_attention --seq-lens 65536 --impls $ours sdpa reference --warmup 3 --repeats 10
-bench sinkhorn128 45 --ops sinkhorn --seq-lens 8192 --impls $ours 'sinkhorn_kernels[reference]' reference
+bench sinkhorn128 60 --ops sinkhorn gumbel_sinkhorn --seq-lens 8192 --impls $ours 'sinkhorn_kernels[reference]' \
+  reference
 # where the time goes (kernels and launches) in the 16k layer and in the Sinkhorn goal's step, one file
 step profile
 timeout 60 python3 - > "$out/profile.txt" 2>&1 <<'PY'

@@ -12,9 +12,11 @@ from sinkhorn_kernels.bench.report import COLUMNS
 
 def test_smoke_run_writes_csv_summary_and_plots(tmp_path):
     out = str(tmp_path / 'bench')
-    assert main(['--ops', 'sinkhorn_attention', 'sinkhorn', '--seq-lens', '256', '--causal', 'no', '--warmup', '0',
-                 '--repeats', '1', '--impls', 'reference', 'sinkhorn_kernels[reference]', '--out', out]) == 0
+    assert main(['--ops', 'sinkhorn_attention', 'sinkhorn', 'gumbel_sinkhorn', '--seq-lens', '256', '--causal', 'no',
+                 '--warmup', '0', '--repeats', '1', '--impls', 'reference', 'sinkhorn_kernels[reference]', '--out',
+                 out]) == 0
     rows = list(csv.DictReader(open(os.path.join(out, 'results.csv'))))
+    assert {r['op'] for r in rows} == {'sinkhorn_attention', 'sinkhorn', 'gumbel_sinkhorn'}
     assert set(COLUMNS) <= set(rows[0])
     assert rows[0]['timestamp'].endswith('Z') and rows[0]['version'].startswith(sinkhorn_kernels.__version__)
     assert {r['impl'] for r in rows} == {'reference', 'sinkhorn_kernels[reference]'}
@@ -23,6 +25,20 @@ def test_smoke_run_writes_csv_summary_and_plots(tmp_path):
     summary = open(os.path.join(out, 'summary.md')).read()
     assert 'speedup vs reference' in summary and 'x |' in summary
     assert os.path.exists(os.path.join(out, 'sinkhorn_attention_fwd_bwd.png'))
+
+
+@pytest.mark.skipif(not sinkhorn_kernels.available_backends()['triton'][0], reason='triton is not available')
+def test_gumbel_sinkhorn_case_draws_the_reference_packages_noise():
+    """The benchmark compares like with like: under one seed our fused Gumbel-Sinkhorn and the reference
+    package's draw the same noise and give the same matrix."""
+    from sinkhorn_kernels.bench.cases import build, default_config
+    cfg = default_config('gumbel_sinkhorn', 128, 1, 1, 64, 64, False)
+    outs = []
+    for impl in ('reference', 'sinkhorn_kernels[triton]'):
+        fn, *_ = build('gumbel_sinkhorn', impl, cfg, 'cpu', torch.float32)
+        torch.manual_seed(3)
+        outs.append(fn())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-6)
 
 
 def test_compile_adds_compiled_variants_of_ours_and_the_reference():

@@ -10,16 +10,17 @@ import sys
 
 import torch
 
-from .cases import COMPILED, OPS, default_config, implementations, validate
+from .cases import COMPILED, OPS, SINKHORN_OPS, default_config, implementations, validate
 from .measure import isolated, measure, median_round
 from .report import append_csv, plot, read_csv, summary_markdown
 
 # sizes per device: the CPU run finishes in a few minutes on 2 cores; the GPU sweep goes to 64k tokens
 DEFAULT_SEQ_LENS = {
-    'cpu': {'sinkhorn': [1024, 2048, 4096], 'sinkhorn_attention': [1024, 2048, 4096], 'layer': [1024, 2048, 4096],
-            'lm': [1024, 2048]},
-    'cuda': {'sinkhorn': [1024, 4096, 16384, 65536], 'sinkhorn_attention': [1024, 4096, 16384, 65536],
-             'layer': [1024, 4096, 16384, 65536], 'lm': [1024, 4096, 16384]},
+    'cpu': {'sinkhorn': [1024, 2048, 4096], 'gumbel_sinkhorn': [1024, 2048, 4096],
+            'sinkhorn_attention': [1024, 2048, 4096], 'layer': [1024, 2048, 4096], 'lm': [1024, 2048]},
+    'cuda': {'sinkhorn': [1024, 4096, 16384, 65536], 'gumbel_sinkhorn': [1024, 4096, 16384, 65536],
+             'sinkhorn_attention': [1024, 4096, 16384, 65536], 'layer': [1024, 4096, 16384, 65536],
+             'lm': [1024, 4096, 16384]},
 }
 
 
@@ -72,8 +73,8 @@ def plan(p, args):
             chosen = chosen + [i + COMPILED for i in chosen]
         impls = [i for i in impls if i in chosen]
         for seq_len in args.seq_lens or DEFAULT_SEQ_LENS[args.device][op]:
-            # the Sinkhorn op has no causal variant
-            for causal in causal_values if op != 'sinkhorn' else (False,):
+            # the Sinkhorn ops have no causal variant
+            for causal in causal_values if op not in SINKHORN_OPS else (False,):
                 cfg = default_config(op, seq_len, args.batch, args.heads, args.dim_head, args.bucket_size, causal)
                 problem = validate(op, cfg)
                 if problem:

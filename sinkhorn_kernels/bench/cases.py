@@ -11,7 +11,10 @@ import torch.nn.functional as F
 import sinkhorn_kernels as sk
 from sinkhorn_kernels.ops import available_backends
 
-OPS = ('sinkhorn', 'sinkhorn_attention', 'layer', 'lm')
+OPS = ('sinkhorn', 'gumbel_sinkhorn', 'sinkhorn_attention', 'layer', 'lm')
+# ops on routing matrices alone: no causal variant, sized by the buckets of a sequence
+SINKHORN_OPS = ('sinkhorn', 'gumbel_sinkhorn')
+GUMBEL_TEMPERATURE = 0.75  # SinkhornSelfAttention's default
 DIM, HEADS = 512, 8
 # the suffix of an implementation measured under torch.compile (default mode), e.g. 'reference+compile'
 COMPILED = '+compile'
@@ -63,16 +66,21 @@ def _build(op, impl, cfg, device, dtype):
     B, H, T, D = cfg['batch'], cfg['heads'], cfg['seq_len'], cfg['dim_head']
     causal, bucket = cfg['causal'], cfg['bucket_size']
     elem = torch.finfo(dtype).bits // 8
-    if op == 'sinkhorn':
-        n = cfg['buckets']
-        x = torch.randn(cfg['matrices'], n, n, device=device, dtype=dtype, requires_grad=True)
+    if op in SINKHORN_OPS:
+        n, iters, gumbel = cfg['buckets'], cfg['sinkhorn_iter'], op == 'gumbel_sinkhorn'
+        # Gumbel-Sinkhorn takes non-negative scores (it adds the log and the noise), Sinkhorn normalization log-scores
+        x = (torch.rand if gumbel else torch.randn)(cfg['matrices'], n, n, device=device, dtype=dtype,
+                                                     requires_grad=True)
         if impl == 'reference':
-            from sinkhorn_transformer.sinkhorn_transformer import sinkhorn_sorting_operator
-            fn = lambda: sinkhorn_sorting_operator(x, cfg['sinkhorn_iter'])
+            from sinkhorn_transformer import sinkhorn_transformer as ref
+            fn = ((lambda: ref.gumbel_sinkhorn(x, iters, GUMBEL_TEMPERATURE)) if gumbel else
+                  (lambda: ref.sinkhorn_sorting_operator(x, iters)))
+        elif gumbel:
+            fn = lambda: sk.ops.gumbel_sinkhorn(x, iters, GUMBEL_TEMPERATURE, backend=backend_of(impl))
         else:
-            fn = lambda: sk.ops.sinkhorn_normalize(x, cfg['sinkhorn_iter'], backend=backend_of(impl))
+            fn = lambda: sk.ops.sinkhorn_normalize(x, iters, backend=backend_of(impl))
         # per iteration: two logsumexp passes (max, exp, sum, log) and two subtractions over the matrix
-        return fn, [x], 10 * x.numel() * cfg['sinkhorn_iter'], 2 * x.numel() * elem
+        return fn, [x], 10 * x.numel() * iters, 2 * x.numel() * elem
 
     if op == 'sinkhorn_attention':
         q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -171,8 +179,8 @@ def _with_backend(impl, fn):
 def default_config(op, seq_len, batch, heads, dim_head, bucket_size, causal):
     cfg = dict(seq_len=seq_len, batch=batch, heads=heads, dim_head=dim_head, bucket_size=bucket_size,
                causal=causal, n_top=2, sinkhorn_iter=8, depth=2)
-    if op == 'sinkhorn':
-        # the Sinkhorn op's size: one routing matrix per (batch, head), as many buckets as the sequence has
+    if op in SINKHORN_OPS:
+        # the Sinkhorn ops' size: one routing matrix per (batch, head), as many buckets as the sequence has
         cfg.update(buckets=max(2, seq_len // bucket_size), matrices=batch * heads * 64)
     return cfg
 
@@ -181,7 +189,7 @@ def validate(op, cfg):
     """Why a configuration cannot run, or None."""
     if cfg['seq_len'] % cfg['bucket_size']:
         return f'sequence length {cfg["seq_len"]} is not a multiple of the bucket size {cfg["bucket_size"]}'
-    if cfg['seq_len'] < 2 * cfg['bucket_size'] and op != 'sinkhorn':
+    if cfg['seq_len'] < 2 * cfg['bucket_size'] and op not in SINKHORN_OPS:
         return f'sequence length {cfg["seq_len"]} needs at least two buckets of {cfg["bucket_size"]}'
     if op in ('layer', 'lm') and cfg['heads'] * cfg['dim_head'] != DIM:
         return f'the {op} benchmark uses dim {DIM}: heads * dim_head must equal {DIM}'
